@@ -1,0 +1,177 @@
+"""Typed model specs (the `model:` section of a recipe) and the one function that builds from them.
+
+A spec names each part: the vision tower (open_clip name + architecture/weights, or a transformers
+CLIP / SigLIP id, path or config), the projector, the backbone (any causal LM by hub id, local path
+or config dict) and the tokenizer. `build_model_and_processor` turns it into an
+`MLLMForConditionalGeneration` and its `MLLMProcessor`, loading whatever pretrained weights it names.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, CLIPImageProcessor, PreTrainedConfig
+
+from mllm.configuration import MLLMConfig, OpenCLIPVisionConfig
+from mllm.modeling import MLLMForConditionalGeneration
+from mllm.processing import MLLMProcessor
+from mllm.schema import ConfigError
+from mllm.tokenizer import IMAGE_TOKEN, ensure_special_tokens, load_tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class VisionSpec:
+    type: Literal["open_clip", "clip", "siglip"] = "open_clip"
+    # open_clip: model name (built-in, or registered from model_cfg). clip/siglip: hub id or local path.
+    name: str | None = None
+    model_cfg: dict[str, Any] | None = None  # open_clip architecture (embed_dim, vision_cfg, text_cfg)
+    pretrained: str | None = None  # open_clip: weights file or pretrained tag
+    config: dict[str, Any] | None = None  # clip/siglip from scratch: vision config kwargs
+    feature_layer: int = -2  # LLaVA-1.5: penultimate layer
+    select_strategy: Literal["default", "full"] = "default"  # default drops CLS
+
+    def validate(self):
+        if self.type == "open_clip" and not self.name:
+            raise ConfigError("vision.name is required for open_clip towers (an open_clip model name)")
+        if self.type != "open_clip" and not self.name and self.config is None:
+            raise ConfigError(f"vision: a {self.type} tower needs `name` (hub id / path) or `config`")
+        if self.type != "open_clip" and (self.model_cfg or self.pretrained):
+            raise ConfigError("vision.model_cfg / vision.pretrained apply to open_clip towers only")
+
+
+@dataclass
+class ProjectorSpec:
+    depth: int = 2
+    act: str = "gelu"
+    bias: bool = True
+
+    def validate(self):
+        if self.depth < 1:
+            raise ConfigError(f"projector.depth must be >= 1, got {self.depth}")
+
+
+@dataclass
+class TextSpec:
+    name: str | None = None  # causal LM hub id or local path
+    config: dict[str, Any] | None = None  # build from scratch: {model_type: llama, hidden_size: ...}
+
+    def validate(self):
+        if (self.name is None) == (self.config is None):
+            raise ConfigError("text: give exactly one of `name` (hub id / path) or `config` (dict with model_type)")
+        if self.config is not None and "model_type" not in self.config:
+            raise ConfigError("text.config needs a model_type (e.g. llama, qwen2)")
+
+
+@dataclass
+class ModelSpec:
+    vision: VisionSpec = field(default_factory=VisionSpec)
+    projector: ProjectorSpec = field(default_factory=ProjectorSpec)
+    text: TextSpec = field(default_factory=lambda: TextSpec(config={"model_type": "llama"}))
+    tokenizer: str | None = None  # hub id / path; defaults to text.name
+
+
+def vision_config_from_spec(spec: VisionSpec) -> PreTrainedConfig:
+    if spec.type == "open_clip":
+        return OpenCLIPVisionConfig(model_name=spec.name, model_cfg=spec.model_cfg, pretrained=spec.pretrained)
+    model_type = {"clip": "clip_vision_model", "siglip": "siglip_vision_model"}[spec.type]
+    if spec.name is not None:
+        config = AutoConfig.from_pretrained(spec.name)
+        # A full CLIP/SigLIP checkpoint nests the vision part.
+        config = getattr(config, "vision_config", config)
+        if config.model_type != model_type:
+            raise ConfigError(f"vision.name {spec.name!r} is a {config.model_type}, not a {spec.type} vision model")
+        return config
+    return AutoConfig.for_model(model_type, **spec.config)
+
+
+def text_config_from_spec(spec: TextSpec, vocab_size: int) -> PreTrainedConfig:
+    if spec.name is not None:
+        return AutoConfig.from_pretrained(spec.name)
+    kwargs = dict(spec.config)
+    model_type = kwargs.pop("model_type")
+    kwargs.setdefault("vocab_size", vocab_size)
+    if kwargs["vocab_size"] < vocab_size:
+        raise ConfigError(f"text.config.vocab_size {kwargs['vocab_size']} < tokenizer size {vocab_size}")
+    return AutoConfig.for_model(model_type, **kwargs)
+
+
+def image_processor_for(spec: VisionSpec, vision_config: PreTrainedConfig):
+    """The HF image processor matching the tower (open_clip preprocessing saved as a CLIPImageProcessor)."""
+    if spec.type != "open_clip" and spec.name is not None:
+        from transformers import AutoImageProcessor
+
+        try:
+            return AutoImageProcessor.from_pretrained(spec.name)
+        except OSError:
+            logger.warning("no image processor saved with %s; using defaults for %s", spec.name, spec.type)
+    size = vision_config.image_size
+    if spec.type == "siglip":
+        from transformers import SiglipImageProcessor
+
+        return SiglipImageProcessor(size={"height": size, "width": size})
+    mean = getattr(vision_config, "image_mean", None) or CLIPImageProcessor().image_mean
+    std = getattr(vision_config, "image_std", None) or CLIPImageProcessor().image_std
+    return CLIPImageProcessor(
+        size={"shortest_edge": size}, crop_size={"height": size, "width": size}, image_mean=mean, image_std=std
+    )
+
+
+def build_model_and_processor(spec: ModelSpec, dtype: torch.dtype = torch.float32):
+    """Build model + processor, loading any pretrained tower / backbone weights the spec names."""
+    tokenizer_name = spec.tokenizer or spec.text.name
+    if tokenizer_name is None:
+        raise ConfigError("model.tokenizer is required when the backbone is built from a config")
+    tokenizer = load_tokenizer(tokenizer_name)
+    ensure_special_tokens(tokenizer)
+    vision_config = vision_config_from_spec(spec.vision)
+    text_config = text_config_from_spec(spec.text, len(tokenizer))
+    config = MLLMConfig(
+        vision_config=vision_config,
+        text_config=text_config,
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        vision_feature_layer=spec.vision.feature_layer,
+        vision_feature_select_strategy=spec.vision.select_strategy,
+        projector_hidden_act=spec.projector.act,
+        projector_depth=spec.projector.depth,
+        multimodal_projector_bias=spec.projector.bias,
+    )
+    model = MLLMForConditionalGeneration(config)
+    if isinstance(vision_config, OpenCLIPVisionConfig):
+        # The weights now live in the model; a saved checkpoint must not point back at the source file.
+        vision_config.pretrained = None
+    elif spec.vision.name is not None:
+        load_hf_vision_tower(model, spec.vision)
+    if spec.text.name is not None:
+        load_pretrained_backbone(model, spec.text.name, len(tokenizer))
+    processor = MLLMProcessor(
+        image_processor=image_processor_for(spec.vision, vision_config),
+        tokenizer=tokenizer,
+        num_image_tokens=config.num_image_tokens,
+    )
+    return model.to(dtype), processor
+
+
+def load_hf_vision_tower(model: MLLMForConditionalGeneration, spec: VisionSpec) -> None:
+    """Load CLIP / SigLIP tower weights (from a vision-only or a full two-tower checkpoint, as LLaVA does)."""
+    from transformers import CLIPVisionModel, SiglipVisionModel
+
+    cls = {"clip": CLIPVisionModel, "siglip": SiglipVisionModel}[spec.type]
+    pretrained = cls.from_pretrained(spec.name, dtype=torch.float32)
+    model.model.vision_tower.load_state_dict(pretrained.state_dict())
+
+
+def load_pretrained_backbone(model: MLLMForConditionalGeneration, name: str, vocab_size: int) -> None:
+    """Copy a pretrained causal LM into `model.language_model` + `lm_head` (after adding our tokens)."""
+    lm = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
+    if lm.get_input_embeddings().weight.shape[0] < vocab_size:
+        lm.resize_token_embeddings(vocab_size)
+    base = lm.get_decoder() if hasattr(lm, "get_decoder") else lm.model
+    if model.get_input_embeddings().weight.shape[0] != lm.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(lm.get_input_embeddings().weight.shape[0])
+    model.model.language_model.load_state_dict(base.state_dict())
+    model.lm_head.load_state_dict(lm.get_output_embeddings().state_dict())

@@ -1,0 +1,98 @@
+"""`MLLMConfig`: the transformers config of the composed vision-language model.
+
+It nests a `vision_config` (a transformers CLIP/SigLIP vision config, or our `OpenCLIPVisionConfig`)
+and a `text_config` (any transformers causal-LM config), plus the projector settings. Later sections
+(moe, mod, moh, attention, compression) nest here too; all off means the dense LLaVA model.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from huggingface_hub.dataclasses import strict
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+
+@strict
+class OpenCLIPVisionConfig(PreTrainedConfig):
+    """An open_clip vision tower: a model name (built-in or registered from `model_cfg`) plus weights.
+
+    `model_cfg` is an open_clip model config (`embed_dim`, `vision_cfg`, `text_cfg`); when given it is
+    registered under `model_name`, which is how tiny custom towers are built offline.
+    `pretrained` is a local file or (online) an open_clip pretrained tag; `None` = random init.
+    """
+
+    model_type = "open_clip_vision"
+    base_config_key = "vision_config"
+
+    model_name: str = "ViT-B-16"
+    model_cfg: dict | None = None
+    pretrained: str | None = None
+    # Filled from the built tower so the rest of the stack never needs open_clip to read them.
+    hidden_size: int | None = None
+    image_size: int | None = None
+    patch_size: int | None = None
+    image_mean: list[float] | None = None
+    image_std: list[float] | None = None
+
+
+AutoConfig.register("open_clip_vision", OpenCLIPVisionConfig)
+
+
+@strict
+class MLLMConfig(PreTrainedConfig):
+    """Vision tower + projector + causal LM, with LLaVA's feature-selection conventions.
+
+    `vision_feature_layer=-2` and `vision_feature_select_strategy="default"` (drop the CLS token) are
+    LLaVA-1.5's choices; `projector_depth=2` with GELU is its MLP projector.
+    """
+
+    model_type = "mllm"
+    attribute_map = {"image_token_index": "image_token_id"}
+    sub_configs_defaults = {
+        "vision_config": SubConfigSpec(config_class=AutoConfig, model_type="clip_vision_model"),
+        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama"),
+    }
+
+    vision_config: dict | PreTrainedConfig | None = None
+    text_config: dict | PreTrainedConfig | None = None
+    image_token_id: int = 4
+    vision_feature_layer: int = -2
+    vision_feature_select_strategy: Literal["default", "full"] = "default"
+    projector_hidden_act: str = "gelu"
+    projector_depth: int = 2
+    multimodal_projector_bias: bool = True
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        if not self.tie_word_embeddings and getattr(self.text_config, "tie_word_embeddings", False):
+            self.tie_word_embeddings = True
+        if self.projector_depth < 1:
+            raise ValueError(f"projector_depth must be >= 1, got {self.projector_depth}")
+
+    @property
+    def hidden_size(self) -> int:
+        # DeepSpeed / accelerate size their ZeRO buckets from `config.hidden_size`.
+        return self.text_config.hidden_size
+
+    @property
+    def vocab_size(self) -> int:
+        return self.text_config.vocab_size
+
+    @property
+    def num_image_tokens(self) -> int:
+        """LLM-side tokens per image: the patch grid, plus the CLS token unless it is dropped."""
+        vc = self.vision_config
+        image_size = vc.image_size if isinstance(vc.image_size, int) else vc.image_size[0]
+        patch_size = vc.patch_size if isinstance(vc.patch_size, int) else vc.patch_size[0]
+        n = (image_size // patch_size) ** 2
+        # SigLIP has no CLS token; CLIP and open_clip ViTs put it first.
+        has_cls = vc.model_type != "siglip_vision_model"
+        if has_cls and self.vision_feature_select_strategy == "full":
+            n += 1
+        return n
+
+
+__all__ = ["MLLMConfig", "OpenCLIPVisionConfig"]

@@ -1,0 +1,216 @@
+"""`MLLMForConditionalGeneration`: vision tower -> projector -> any transformers causal LM.
+
+Module names follow transformers' Llava (`model.vision_tower`, `model.multi_modal_projector`,
+`model.language_model`, `lm_head`) so LoRA patterns, checkpoints and the Llava export line up.
+Image features are written into the expanded `<image>` positions with `masked_scatter`; pixel
+values are consumed at prefill only (generation drops them afterwards, the cache holds the rest).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModel, GenerationMixin, PreTrainedModel
+from transformers.cache_utils import Cache
+from transformers.modeling_outputs import ModelOutput
+
+from mllm.configuration import MLLMConfig
+from mllm.projector import MultiModalProjector
+from mllm.vision import build_vision_tower, has_cls_token, select_image_features
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class MLLMOutput(ModelOutput):
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    cache: Cache | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    image_features: torch.Tensor | None = None
+
+
+class MLLMPreTrainedModel(PreTrainedModel):
+    config: MLLMConfig
+    config_class = MLLMConfig
+    base_model_prefix = "model"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _skip_keys_device_placement = ["cache"]
+
+
+class MLLMModel(MLLMPreTrainedModel):
+    """Vision tower + projector + the backbone's base model (no LM head)."""
+
+    def __init__(self, config: MLLMConfig):
+        super().__init__(config)
+        self.vision_tower = build_vision_tower(config.vision_config)
+        self.multi_modal_projector = MultiModalProjector(
+            vision_hidden_size=config.vision_config.hidden_size,
+            text_hidden_size=config.text_config.hidden_size,
+            depth=config.projector_depth,
+            act=config.projector_hidden_act,
+            bias=config.multimodal_projector_bias,
+        )
+        self.language_model = AutoModel.from_config(config.text_config)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[N_img, 3, H, W] -> [N_img, tokens_per_image, D_text]."""
+        tower_dtype = next(self.vision_tower.parameters()).dtype
+        outputs = self.vision_tower(pixel_values.to(tower_dtype), output_hidden_states=True)
+        features = select_image_features(
+            outputs.hidden_states,
+            self.config.vision_feature_layer,
+            self.config.vision_feature_select_strategy,
+            has_cls_token(self.config.vision_config),
+        )
+        return self.multi_modal_projector(features)
+
+    def merge_image_features(
+        self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor, image_features: torch.Tensor
+    ) -> torch.Tensor:
+        image_mask = input_ids == self.config.image_token_id  # [B, T]
+        n_tokens = int(image_mask.sum())
+        n_features = image_features.shape[0] * image_features.shape[1]
+        if n_tokens != n_features:
+            raise ValueError(
+                f"image tokens and image features do not match: the input has {n_tokens} image tokens but "
+                f"{image_features.shape[0]} image(s) give {n_features} features "
+                f"({image_features.shape[1]} per image). Expand each <image> with the processor, "
+                "and pass one image per placeholder."
+            )
+        image_features = image_features.to(inputs_embeds.device, inputs_embeds.dtype)
+        return inputs_embeds.masked_scatter(image_mask.unsqueeze(-1), image_features)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ):
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)  # [B, T, D]
+        image_features = None
+        if pixel_values is not None:
+            if input_ids is None:
+                raise ValueError("pixel_values need input_ids to locate the image tokens")
+            image_features = self.encode_images(pixel_values)
+            inputs_embeds = self.merge_image_features(input_ids, inputs_embeds, image_features)
+        elif input_ids is not None and (cache is None or cache.get_seq_length() == 0):
+            if bool((input_ids == self.config.image_token_id).any()):
+                raise ValueError("input_ids contain image tokens but no pixel_values were given")
+        outputs = self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        return outputs, image_features
+
+
+class MLLMForConditionalGeneration(MLLMPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+
+    def __init__(self, config: MLLMConfig):
+        super().__init__(config)
+        self.model = MLLMModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.lm_head = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        modality_ids: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int = 0,
+        past_key_values: Cache | None = None,
+        **kwargs,
+    ) -> MLLMOutput:
+        """`modality_ids` (0 text, 1 image) feed the attention layouts; plain causal attention ignores them."""
+        cache = cache if cache is not None else past_key_values
+        outputs, image_features = self.model(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden = outputs.last_hidden_state  # [B, T, D]
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        logits = self.lm_head(hidden)  # [B, T, V]
+        loss = None
+        if labels is not None:
+            total, count = causal_lm_loss_sum(logits, labels)
+            loss = total / count.clamp(min=1)
+        return MLLMOutput(
+            loss=loss,
+            logits=logits,
+            cache=getattr(outputs, "cache", None),
+            hidden_states=outputs.hidden_states,
+            image_features=image_features,
+        )
+
+
+def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token cross-entropy and the number of target tokens (labels != -100).
+
+    The trainer divides by the target count of the whole global batch, so gradient accumulation and
+    world size do not change the loss.
+    """
+    shift_logits = logits[:, :-1].float()  # fp32 softmax: bf16 logits lose ~2 digits in the loss
+    shift_labels = labels[:, 1:].to(logits.device)
+    total = F.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.shape[-1]),
+        shift_labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+    return total, (shift_labels != IGNORE_INDEX).sum()
+
+
+__all__ = ["MLLMForConditionalGeneration", "MLLMModel", "MLLMPreTrainedModel", "causal_lm_loss_sum"]

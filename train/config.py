@@ -1,0 +1,129 @@
+"""The run config: a model spec, data settings, a DeepSpeed preset and an ordered list of stages.
+
+Stages are data: each names its objective, data mixture, trainable parameter globs (with per-group
+learning rates), schedule and length. The trainer applies every stage with the same code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from mllm.builder import ModelSpec
+from mllm.schema import ConfigError, apply_overrides, from_dict, load_yaml
+
+OBJECTIVES = ("lm", "contrastive")
+
+
+@dataclass
+class SourceSpec:
+    type: Literal["webdataset", "llava_json"] = "webdataset"
+    path: str = ""
+    image_root: str | None = None
+    weight: float = 1.0
+
+    def validate(self):
+        if not self.path:
+            raise ConfigError("data source needs a path")
+        if self.weight <= 0:
+            raise ConfigError(f"source weight must be > 0, got {self.weight}")
+
+
+@dataclass
+class ParamGroupSpec:
+    params: list[str] = field(default_factory=list)  # fnmatch globs over parameter names
+    lr: float | None = None  # None: the stage's lr
+    weight_decay: float | None = None
+
+
+@dataclass
+class ContrastiveSpec:
+    """Stage-0 CLIP pretraining: open_clip's model factory and ClipLoss, captions as text."""
+
+    context_length: int = 32
+
+
+@dataclass
+class StageSpec:
+    name: str = "stage"
+    objective: Literal["lm", "contrastive"] = "lm"
+    data: list[SourceSpec] = field(default_factory=list)
+    trainable: list[ParamGroupSpec] = field(default_factory=list)
+    steps: int = 100
+    micro_batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    max_grad_norm: float = 1.0
+    save_every: int = 0  # 0: only at the end of the stage
+    deepspeed: str | None = None  # overrides the run's preset for this stage
+    contrastive: ContrastiveSpec = field(default_factory=ContrastiveSpec)
+
+    def validate(self):
+        if not self.data:
+            raise ConfigError(f"stage {self.name!r} has no data sources")
+        if not self.trainable:
+            raise ConfigError(f"stage {self.name!r} has no trainable parameter groups")
+        for name, value in (("steps", self.steps), ("micro_batch_size", self.micro_batch_size),
+                            ("grad_accum", self.grad_accum)):
+            if value < 1:
+                raise ConfigError(f"stage {self.name!r}: {name} must be >= 1, got {value}")
+
+
+@dataclass
+class EvalSpec:
+    source: SourceSpec | None = None
+    max_samples: int = 500
+    batch_size: int = 32
+    max_new_tokens: int = 8
+
+
+@dataclass
+class DataSpec:
+    max_length: int = 512
+    max_bad_fraction: float = 0.05  # abort once more than this fraction of samples was rejected
+    min_samples_before_abort: int = 100
+
+
+@dataclass
+class RunSpec:
+    output_dir: str = "runs/default"
+    seed: int = 0
+    dtype: Literal["fp32", "bf16"] = "fp32"
+    deepspeed: str = "configs/deepspeed/zero0.json"
+    log_every: int = 10
+    threads: int = 0  # torch intra-op threads per process; 0 = cores / local processes
+    dist_timeout_s: int = 600  # a rank that hangs longer than this fails the run
+
+
+@dataclass
+class RunConfig:
+    run: RunSpec = field(default_factory=RunSpec)
+    model: ModelSpec = field(default_factory=ModelSpec)
+    data: DataSpec = field(default_factory=DataSpec)
+    eval: EvalSpec = field(default_factory=EvalSpec)
+    stages: list[StageSpec] = field(default_factory=list)
+
+    def validate(self):
+        if not self.stages:
+            raise ConfigError("the recipe has no stages")
+        names = [s.name for s in self.stages]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"stage names must be unique, got {names}")
+
+
+def load_run_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """defaults < YAML < `key=value` overrides."""
+    data = apply_overrides(load_yaml(path), overrides or [])
+    try:
+        return from_dict(RunConfig, data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def resolve_path(path: str, base: Any = None) -> str:
+    return str(Path(path).expanduser())

@@ -1,0 +1,108 @@
+"""Held-out evaluation: exact-match accuracy per question type with batched greedy generation.
+
+Every question of a multi-turn sample is asked with the conversation so far (earlier turns carry
+their reference answers), left-padded into batches and decoded greedily with the KV cache.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from mllm.data.sources import decode_image, open_source
+from mllm.modeling import MLLMForConditionalGeneration
+from mllm.processing import MLLMProcessor, llava_to_messages
+
+
+def load_for_inference(folder: str):
+    folder = Path(folder)
+    if not (folder / "config.json").exists():
+        raise FileNotFoundError(f"{folder} is not a model folder (no config.json)")
+    model = MLLMForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
+    processor = MLLMProcessor.from_pretrained(folder)
+    return model, processor
+
+
+def normalize(text: str) -> str:
+    return " ".join(text.strip().lower().rstrip(".").split())
+
+
+@torch.no_grad()
+def generate_batch(model, processor: MLLMProcessor, prompts: list[str], images: list, max_new_tokens: int,
+                   use_cache: bool = True) -> list[str]:
+    inputs = processor(images=images, text=prompts, padding_side="left")
+    inputs.pop("modality_ids")
+    end_id = processor.tokenizer.convert_tokens_to_ids("<|end|>")
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, use_cache=use_cache,
+                         eos_token_id=[end_id, processor.tokenizer.eos_token_id],
+                         pad_token_id=processor.tokenizer.pad_token_id)
+    new_tokens = out[:, inputs["input_ids"].shape[1]:]
+    return processor.batch_decode(new_tokens, skip_special_tokens=True)
+
+
+def answer(model, processor: MLLMProcessor, images: list, questions: list[str], max_new_tokens: int = 16) -> list[str]:
+    """One question per image, single turn."""
+    prompts = [processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}],
+        add_generation_prompt=True, tokenize=False) for q in questions]
+    return [a.strip() for a in generate_batch(model, processor, prompts, images, max_new_tokens)]
+
+
+def vqa_items(source, max_samples: int, processor: MLLMProcessor):
+    """(prompt, image, reference, question_type) for every question of the first samples."""
+    for i in range(min(max_samples, len(source))):
+        record = source[i]
+        if record.meta.get("kind") != "vqa":
+            continue
+        image = decode_image(record)
+        messages = llava_to_messages(record.meta["conversations"])
+        types = record.meta.get("question_types") or ["unknown"] * (len(messages) // 2)
+        for turn in range(0, len(messages) - 1, 2):
+            prompt = processor.apply_chat_template(messages[: turn + 1], add_generation_prompt=True, tokenize=False)
+            reference = messages[turn + 1]["content"][0]["text"]
+            yield prompt, image, reference, types[turn // 2]
+
+
+def evaluate(model, processor: MLLMProcessor, data: str, max_samples: int = 500, batch_size: int = 32,
+             max_new_tokens: int = 8) -> dict:
+    source = open_source({"type": "llava_json" if data.endswith(".json") else "webdataset", "path": data})
+    items = list(vqa_items(source, max_samples, processor))
+    if not items:
+        raise ValueError(f"no VQA questions found in {data}")
+    correct, total = defaultdict(int), defaultdict(int)
+    answers_by_type: dict[str, set] = defaultdict(set)
+    examples = []
+    started, generated = time.perf_counter(), 0
+    model.eval()
+    for start in range(0, len(items), batch_size):
+        chunk = items[start:start + batch_size]
+        outputs = generate_batch(model, processor, [c[0] for c in chunk], [c[1] for c in chunk], max_new_tokens)
+        for (prompt, _, reference, qtype), output in zip(chunk, outputs):
+            hit = normalize(output) == normalize(reference)
+            correct[qtype] += hit
+            total[qtype] += 1
+            answers_by_type[qtype].add(normalize(reference))
+            generated += len(processor.tokenizer(output, add_special_tokens=False)["input_ids"]) + 1
+            if len(examples) < 5:
+                examples.append({"question": prompt.splitlines()[-3] if prompt.count("\n") >= 3 else prompt,
+                                 "reference": reference, "output": output})
+    elapsed = time.perf_counter() - started
+    per_type = {t: {"accuracy": correct[t] / total[t], "n": total[t],
+                    # Chance: a uniform guess among this type's answers in the evaluated data.
+                    "chance": 1 / len(answers_by_type[t])} for t in sorted(total)}
+    n = sum(total.values())
+    return {"accuracy": sum(correct.values()) / n, "n": n,
+            "chance": sum(per_type[t]["chance"] * total[t] for t in total) / n,
+            "per_type": per_type, "examples": examples,
+            "seconds": elapsed, "generated_tokens_per_s": generated / elapsed}
+
+
+def format_report(report: dict) -> str:
+    lines = [f"{'type':<10} {'n':>6} {'accuracy':>9} {'chance':>7}"]
+    for qtype, row in report["per_type"].items():
+        lines.append(f"{qtype:<10} {row['n']:>6} {row['accuracy']:>9.3f} {row['chance']:>7.3f}")
+    lines.append(f"{'overall':<10} {report['n']:>6} {report['accuracy']:>9.3f} {report['chance']:>7.3f}")
+    return "\n".join(lines)

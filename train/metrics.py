@@ -1,0 +1,67 @@
+"""Metrics: a JSONL file per run, TensorBoard scalars and a loss-curve PNG (rank 0 only)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: Path, enabled: bool = True):
+        self.enabled = enabled
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self._tb = None
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+            except ImportError:  # tensorboard is in the `train` extra; the JSONL is enough
+                self._tb = None
+
+    def log(self, record: dict, global_step: int | None = None) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._tb is not None and global_step is not None:
+            prefix = record.get("stage", "run")
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key not in ("step", "global_step"):
+                    self._tb.add_scalar(f"{prefix}/{key}", value, global_step)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_metrics(path: Path) -> list[dict]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_losses(metrics_path: Path, out_png: Path) -> Path | None:
+    """One panel per stage: training loss against step."""
+    records = [r for r in read_metrics(metrics_path) if "loss" in r and "stage" in r]
+    if not records:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stages = list(dict.fromkeys(r["stage"] for r in records))
+    fig, axes = plt.subplots(1, len(stages), figsize=(4 * len(stages), 3), squeeze=False)
+    for ax, stage in zip(axes[0], stages):
+        points = {r["step"]: r["loss"] for r in records if r["stage"] == stage}  # a resume rewrites steps
+        ax.plot(list(points), list(points.values()))
+        ax.set_title(stage)
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+    return Path(out_png)

@@ -1,0 +1,131 @@
+"""Training objectives: what a stage trains, how a record becomes a sample, and the summed loss.
+
+`lm`: next-token loss on assistant tokens of the composed model.
+`contrastive`: stage-0 CLIP pretraining of the vision tower with open_clip's model factory and
+`ClipLoss`, captions tokenized by the run's tokenizer. The open_clip model's `visual` *is* the
+MLLM's tower module, so training it trains the tower the later stages use.
+
+Every objective returns `(loss_sum, count)`; the trainer divides by the global count.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from mllm.data.sources import decode_image
+from mllm.modeling import MLLMForConditionalGeneration, causal_lm_loss_sum
+from mllm.processing import MLLMProcessor, SampleTooLongError, llava_to_messages, pad_rows
+
+
+class LMObjective:
+    name = "lm"
+
+    def __init__(self, model: MLLMForConditionalGeneration, processor: MLLMProcessor, max_length: int, stage=None):
+        self.model, self.processor, self.max_length = model, processor, max_length
+        self.module: nn.Module = model
+
+    def encode(self, record) -> dict:
+        images = [decode_image(record)] if record.image_bytes is not None else []
+        messages = llava_to_messages(record.meta["conversations"])
+        sample = self.processor.encode_conversation(messages, len(images), self.max_length, sample_id=record.key)
+        if images:
+            sample["pixel_values"] = self.processor.preprocess_images(images)  # [n_img, 3, H, W]
+        return sample
+
+    def collate(self, samples: list[dict]) -> dict:
+        batch = pad_rows([s["input_ids"] for s in samples], self.processor.tokenizer.pad_token_id, "right",
+                         label_rows=[s["labels"] for s in samples])
+        modality = pad_rows([s["modality_ids"] for s in samples], 0, "right")["input_ids"]
+        batch["modality_ids"] = modality
+        pixels = [s["pixel_values"] for s in samples if "pixel_values" in s]
+        if pixels:
+            batch["pixel_values"] = torch.cat(pixels)
+        return batch
+
+    @staticmethod
+    def count(batch: dict) -> int:
+        return int((batch["labels"][:, 1:] != -100).sum())
+
+    def loss(self, engine, batch: dict) -> torch.Tensor:
+        labels = batch.pop("labels")
+        out = engine(**batch)
+        total, _ = causal_lm_loss_sum(out.logits, labels)
+        return total
+
+    def tokens(self, batch: dict) -> int:
+        return int(batch["attention_mask"].sum())
+
+    def trained_state(self) -> dict:
+        return self.model.state_dict()
+
+
+class ContrastiveObjective:
+    name = "contrastive"
+
+    def __init__(self, model: MLLMForConditionalGeneration, processor: MLLMProcessor, max_length: int, stage=None):
+        from mllm.vision.open_clip_tower import OpenCLIPVisionTower, create_open_clip_model, import_open_clip
+
+        tower = model.model.vision_tower
+        if not isinstance(tower, OpenCLIPVisionTower):
+            raise ValueError("the contrastive objective trains open_clip towers; this model's tower is "
+                             f"{type(tower).__name__}. Start from pretrained weights instead.")
+        tokenizer = processor.tokenizer
+        self.context_length = stage.contrastive.context_length
+        config = copy.deepcopy(tower.config)
+        # The text tower reads the run's tokenizer: its vocabulary, EOS pooling and padding id.
+        config.model_name = f"{config.model_name}-contrastive"
+        config.model_cfg = copy.deepcopy(config.model_cfg)
+        config.model_cfg["text_cfg"].update(
+            vocab_size=len(tokenizer), context_length=self.context_length, pool_type="eos",
+            eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
+        )
+        clip = create_open_clip_model(config, load_pretrained=False)
+        clip.visual = tower.visual  # shared: training CLIP trains the MLLM's tower
+        # DeepSpeed broadcasts parameters as bytes, which a 0-dim tensor cannot be viewed as.
+        clip.logit_scale = nn.Parameter(clip.logit_scale.detach().reshape(1))
+        self.clip_loss = import_open_clip().ClipLoss()
+        self.model, self.processor, self.module = model, processor, clip
+        self.max_length = max_length
+
+    def encode(self, record) -> dict:
+        caption = next(t["value"] for t in record.meta["conversations"] if t["from"] in ("gpt", "assistant"))
+        tokenizer = self.processor.tokenizer
+        ids = tokenizer(caption, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        if len(ids) > self.context_length:
+            raise SampleTooLongError(f"sample {record.key}: caption has {len(ids)} tokens > "
+                                     f"contrastive.context_length {self.context_length}")
+        pixels = self.processor.preprocess_images([decode_image(record)])
+        return {"pixel_values": pixels, "text": ids + [tokenizer.pad_token_id] * (self.context_length - len(ids)),
+                "weight": 1.0}
+
+    def collate(self, samples: list[dict]) -> dict:
+        return {"pixel_values": torch.cat([s["pixel_values"] for s in samples]),
+                "text": torch.tensor([s["text"] for s in samples]),
+                "weight": torch.tensor([s.get("weight", 1.0) for s in samples])}
+
+    @staticmethod
+    def count(batch: dict) -> int:
+        return int(batch["weight"].sum())
+
+    def loss(self, engine, batch: dict) -> torch.Tensor:
+        image_features, text_features, logit_scale = engine(batch["pixel_values"], batch["text"])[:3]
+        # ClipLoss averages over the micro-batch; the trainer wants a sum over counted samples.
+        return self.clip_loss(image_features, text_features, logit_scale) * batch["weight"].sum()
+
+    def tokens(self, batch: dict) -> int:
+        return int(batch["pixel_values"].shape[0])
+
+    def trained_state(self) -> dict:
+        return self.model.state_dict()
+
+
+OBJECTIVES = {"lm": LMObjective, "contrastive": ContrastiveObjective}
+
+
+def build_objective(name: str, model, processor, max_length: int, stage):
+    if name not in OBJECTIVES:
+        raise ValueError(f"unknown objective {name!r}; valid: {', '.join(OBJECTIVES)}")
+    return OBJECTIVES[name](model, processor, max_length, stage)
