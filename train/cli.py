@@ -85,8 +85,8 @@ def cmd_train(args) -> None:
         return
     from mllm.train.trainer import run_recipe
 
-    final = run_recipe(cfg, max_steps=args.max_steps)
-    print(f"final weights: {final}")
+    model_dir = run_recipe(cfg, max_steps=args.max_steps)
+    print(f"trained model: {model_dir}" if model_dir else "stopped early; run the same command to continue")
 
 
 def cmd_eval(args) -> None:

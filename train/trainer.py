@@ -27,6 +27,7 @@ from mllm.train.metrics import MetricsLogger, plot_losses
 from mllm.train.objectives import build_objective
 from mllm.train.engine import build_engine, gathered_state_dict
 from mllm.train.parameters import apply_trainable, param_table
+from mllm.train.paths import missing_data_paths
 
 logger = logging.getLogger("mllm.train")
 
@@ -51,8 +52,11 @@ def stage_dir(cfg: RunConfig, index: int) -> Path:
     return Path(cfg.run.output_dir) / f"stage{index}-{cfg.stages[index].name}"
 
 
-def run_recipe(cfg: RunConfig, max_steps: int | None = None) -> Path:
-    """Train every stage in order; returns the folder of the trained model (`run/model`)."""
+def run_recipe(cfg: RunConfig, max_steps: int | None = None) -> Path | None:
+    """Train every stage in order; returns the trained model's folder (`run/model`), None if stopped early."""
+    missing = missing_data_paths(cfg)
+    if missing:  # fail before stage 0 spends its time, not when stage 2 opens its data
+        raise FileNotFoundError("missing data:\n  " + "\n  ".join(missing))
     info = init_distributed(cfg.run.dist_timeout_s)
     threads = cfg.run.threads or max(1, (os.cpu_count() or 1) // info.local_world_size)
     torch.set_num_threads(threads)
@@ -67,8 +71,10 @@ def run_recipe(cfg: RunConfig, max_steps: int | None = None) -> Path:
         final = stage_dir(cfg, index) / "final"
         if ckpt.is_committed(final):
             logger.info("stage %d (%s) already committed at %s; skipping", index, stage.name, final)
-        else:
-            train_stage(cfg, index, previous, info, metrics, max_steps=max_steps)
+        elif not train_stage(cfg, index, previous, info, metrics, max_steps=max_steps):
+            logger.info("stopped in stage %s after --max-steps %d; re-run to continue", stage.name, max_steps)
+            metrics.close()
+            return None
         previous = final
     if info.is_main:
         save_model_folder(cfg, previous, out / "model")
@@ -87,7 +93,8 @@ def save_model_folder(cfg: RunConfig, weights: Path, folder: Path) -> None:
 
 
 def train_stage(cfg: RunConfig, index: int, init_from: Path | None, info: DistInfo, metrics: MetricsLogger,
-                max_steps: int | None = None) -> None:
+                max_steps: int | None = None) -> bool:
+    """Train one stage; True when it finished (and committed `final/`), False when stopped by max_steps."""
     stage = cfg.stages[index]
     folder = stage_dir(cfg, index)
     torch.manual_seed(cfg.run.seed + index)
@@ -136,6 +143,7 @@ def train_stage(cfg: RunConfig, index: int, init_from: Path | None, info: DistIn
         ckpt.save_checkpoint(engine, folder / "checkpoints", step, {"step": step, "data": loader.state_dict()}, info)
     del engine
     barrier()
+    return step >= stage.steps
 
 
 def train_step(engine, objective, loader: StageLoader) -> tuple[float, int]:

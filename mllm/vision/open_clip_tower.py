@@ -56,10 +56,14 @@ def create_open_clip_model(config: OpenCLIPVisionConfig, load_pretrained: bool =
             f"unknown open_clip model {config.model_name!r}: give vision.model_cfg to define it, or one of "
             f"open_clip.list_models() (e.g. {', '.join(open_clip.list_models()[:5])}, ...)"
         )
-    pretrained = config.pretrained if load_pretrained else None
+    # transformers' from_pretrained builds the model under `torch.device("meta")` and then fills it from
+    # the checkpoint; open_clip's factory moves the model to `device` (default "cpu"), which fails on
+    # meta tensors, so create it where the caller's context puts new tensors (and load nothing on meta).
+    device = torch.get_default_device()
+    pretrained = config.pretrained if load_pretrained and device.type != "meta" else None
     if pretrained and os.path.sep in pretrained and not os.path.exists(pretrained):
         raise FileNotFoundError(f"open_clip pretrained weights not found: {pretrained}")
-    return open_clip.create_model(config.model_name, pretrained=pretrained)
+    return open_clip.create_model(config.model_name, pretrained=pretrained, device=device)
 
 
 class OpenCLIPVisionTower(nn.Module):

@@ -1,0 +1,231 @@
+"""Convert a dense `MLLMForConditionalGeneration` into a plain transformers `LlavaForConditionalGeneration`.
+
+Our module names already are Llava's (`model.vision_tower`, `model.multi_modal_projector`,
+`model.language_model`, `lm_head`), so the conversion is a config translation plus a strict state-dict
+copy. The only tensor rewrite is the vision tower of open_clip models, which becomes a
+`CLIPVisionModel` (`open_clip_to_hf`). Everything Llava cannot compute exactly (projector depth other
+than 2, MoE / MoD / MoH / attention-layout / compression sections, unmerged LoRA) is rejected with a
+ValueError rather than exported as a model that silently computes something else.
+
+Two conventions differ between the models and are translated here:
+- SigLIP towers have no CLS token. Our "default" strategy drops CLS only when there is one, while
+  Llava's always drops the first token, so SigLIP exports use Llava's "full" strategy.
+- `LlavaProcessor` expands `<image>` to `(H // patch)(W // patch) + num_additional_image_tokens`,
+  minus one for "default"; CLS towers set `num_additional_image_tokens=1`. `to_llava_processor`
+  checks the expansion against our `num_image_tokens` on a real image before returning.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor, PreTrainedConfig
+
+from mllm.configuration import MLLMConfig, OpenCLIPVisionConfig
+from mllm.modeling import MLLMForConditionalGeneration
+from mllm.vision import has_cls_token
+
+# Optional MLLMConfig sections that change the computation; Llava has none of them.
+EXTENSION_SECTIONS = ("moe", "mod", "moh", "attention", "compression")
+# Llava's LlavaMultiModalProjector is exactly linear_1 -> act -> linear_2.
+LLAVA_PROJECTOR_DEPTH = 2
+# The chat template (mllm/tokenizer.py) ends every turn with this token; generation stops on it.
+END_OF_TURN = "<|end|>"
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def _section_is_active(section) -> bool:
+    """A section is off when absent, empty, or explicitly `enabled: false`; anything else is on."""
+    if section is None or section is False:
+        return False
+    if isinstance(section, Mapping):
+        return bool(section) and section.get("enabled", True) is not False
+    return getattr(section, "enabled", True) is not False
+
+
+def check_llava_exportable(config: MLLMConfig) -> None:
+    """Raise a ValueError naming every part of `config` that a Llava checkpoint cannot represent."""
+    problems = []
+    if config.projector_depth != LLAVA_PROJECTOR_DEPTH:
+        problems.append(
+            f"projector_depth={config.projector_depth} (Llava's projector is exactly linear_1 -> act -> "
+            f"linear_2, i.e. depth {LLAVA_PROJECTOR_DEPTH}); train with projector.depth: 2 to export as Llava"
+        )
+    for name in EXTENSION_SECTIONS:
+        section = getattr(config, name, None)
+        if _section_is_active(section):
+            problems.append(
+                f"the {name!r} section is set ({section!r}); Llava has no {name} layers. Turn it off "
+                "(remove the section) to export a dense model, or export with remote code instead"
+            )
+    if not isinstance(config.vision_feature_layer, int):
+        problems.append(f"vision_feature_layer={config.vision_feature_layer!r} is not a single layer index")
+    if problems:
+        raise ValueError("cannot export this model as a transformers Llava checkpoint: " + "; ".join(problems))
+
+
+def _check_no_lora(model: nn.Module) -> None:
+    lora = [name for name, _ in model.named_parameters() if "lora_" in name or ".base_layer." in name]
+    if lora:
+        raise ValueError(
+            f"the model still holds LoRA adapters (e.g. {lora[0]!r}); merge them first "
+            "(peft: `model = model.merge_and_unload()`), then export"
+        )
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def llava_vision_feature_select_strategy(config: MLLMConfig) -> str:
+    """Llava's strategy computing our selection: Llava's "default" always drops token 0."""
+    return config.vision_feature_select_strategy if has_cls_token(config.vision_config) else "full"
+
+
+def _hf_vision_tower(model: MLLMForConditionalGeneration) -> nn.Module:
+    """The transformers vision model Llava will hold (open_clip towers are converted)."""
+    tower = model.model.vision_tower
+    if isinstance(model.config.vision_config, OpenCLIPVisionConfig):
+        from mllm.export.open_clip_to_hf import open_clip_visual_to_hf
+
+        return open_clip_visual_to_hf(tower.visual)
+    return tower
+
+
+def llava_config(config: MLLMConfig, vision_config: PreTrainedConfig) -> LlavaConfig:
+    """The LlavaConfig of our model, given the (transformers-native) vision config of its tower."""
+    check_llava_exportable(config)
+    return LlavaConfig(
+        vision_config=copy.deepcopy(vision_config).to_dict(),
+        text_config=copy.deepcopy(config.text_config).to_dict(),
+        image_token_index=config.image_token_id,
+        image_seq_length=config.num_image_tokens,
+        projector_hidden_act=config.projector_hidden_act,
+        vision_feature_select_strategy=llava_vision_feature_select_strategy(config),
+        vision_feature_layer=config.vision_feature_layer,
+        multimodal_projector_bias=config.multimodal_projector_bias,
+        tie_word_embeddings=config.tie_word_embeddings,
+    )
+
+
+# ----------------------------------------------------------------------------- weights
+
+
+def _parts(model: MLLMForConditionalGeneration, vision_tower: nn.Module) -> dict[str, nn.Module]:
+    """Llava module prefix -> the module of ours (or the converted tower) holding its tensors."""
+    return {
+        "model.vision_tower.": vision_tower,
+        "model.multi_modal_projector.": model.model.multi_modal_projector,
+        "model.language_model.": model.model.language_model,
+        "lm_head.": model.lm_head,
+    }
+
+
+def to_llava(model: MLLMForConditionalGeneration, share_weights: bool = False) -> LlavaForConditionalGeneration:
+    """A `LlavaForConditionalGeneration` (eval mode) computing exactly what `model` computes.
+
+    Weights are copied (`share_weights=True` makes the Llava model use `model`'s tensors instead, which
+    halves peak memory when `model` is discarded right after, as `export_model` does). The Llava model
+    is built on the meta device and receives the tensors with a strict load, so a missing, extra or
+    misshapen tensor is an error, never a silently random-initialised layer.
+    """
+    check_llava_exportable(model.config)
+    _check_no_lora(model)
+    vision_tower = _hf_vision_tower(model)
+    config = llava_config(model.config, vision_tower.config)
+    with torch.device("meta"):
+        llava = LlavaForConditionalGeneration(config)
+
+    parts = _parts(model, vision_tower)
+    state = {prefix + key: value for prefix, part in parts.items() for key, value in part.state_dict().items()}
+    if not share_weights:
+        state = {key: value.detach().clone() for key, value in state.items()}
+    llava.load_state_dict(state, strict=True, assign=True)
+    # Non-persistent buffers (rotary inv_freq, CLIP position_ids) are not in any state dict: take them
+    # from the module that owns the same buffer on our side.
+    for prefix, part in parts.items():
+        for key, buffer in part.named_buffers():
+            owner_name, _, buffer_name = (prefix + key).rpartition(".")
+            owner = llava.get_submodule(owner_name)
+            if owner._buffers.get(buffer_name) is not None and owner._buffers[buffer_name].is_meta:
+                owner._buffers[buffer_name] = buffer.clone()
+    leftover = [name for name, t in [*llava.named_parameters(), *llava.named_buffers()] if t.is_meta]
+    if leftover:
+        raise RuntimeError(f"Llava export left tensors uninitialised: {leftover[:5]}; this is a bug in mllm.export")
+    if config.tie_word_embeddings:
+        llava.tie_weights()
+    llava.generation_config = copy.deepcopy(model.generation_config)
+    return llava.eval()
+
+
+def set_chat_stop_tokens(llava: LlavaForConditionalGeneration, tokenizer) -> None:
+    """Make `generate` stop at the end of the assistant turn, as `train/evaluate.py` does.
+
+    Our chat template closes every turn with `END_OF_TURN`, while the tokenizer's EOS never appears
+    in chat; without this a plain `model.generate(**inputs)` runs on to `max_new_tokens`.
+    """
+    end_id = tokenizer.convert_tokens_to_ids(END_OF_TURN)
+    if end_id is None or end_id == tokenizer.unk_token_id:
+        return
+    stop = [end_id] + [t for t in [tokenizer.eos_token_id] if t is not None and t != end_id]
+    llava.generation_config.eos_token_id = stop
+    if tokenizer.pad_token_id is not None:
+        llava.generation_config.pad_token_id = tokenizer.pad_token_id
+
+
+# ----------------------------------------------------------------------------- processor
+
+
+def _probe_image(size: int = 64):
+    from PIL import Image
+
+    # Non-square on purpose: an image processor that does not crop to the tower's square input
+    # shows up as a token-count mismatch here instead of at inference time.
+    return Image.new("RGB", (size + 16, size), (127, 64, 32))
+
+
+def to_llava_processor(processor, model_config: MLLMConfig) -> LlavaProcessor:
+    """A `LlavaProcessor` producing exactly the input_ids and pixel_values of our `MLLMProcessor`.
+
+    The tokenizer is copied (left padding, as our processor pads for batched generation); the image
+    processor is shared as is (open_clip preprocessing is already a `CLIPImageProcessor`).
+    """
+    vision_config = model_config.vision_config
+    patch_size = vision_config.patch_size if isinstance(vision_config.patch_size, int) else vision_config.patch_size[0]
+    tokenizer = copy.deepcopy(processor.tokenizer)
+    tokenizer.padding_side = "left"
+    tokenizer.init_kwargs["padding_side"] = "left"  # what save_pretrained writes
+    llava_processor = LlavaProcessor(
+        image_processor=processor.image_processor,
+        tokenizer=tokenizer,
+        patch_size=patch_size,
+        vision_feature_select_strategy=llava_vision_feature_select_strategy(model_config),
+        chat_template=processor.chat_template,
+        image_token=processor.image_token,
+        num_additional_image_tokens=1 if has_cls_token(vision_config) else 0,
+    )
+    probe = llava_processor(images=[_probe_image()], text=processor.image_token, return_tensors="pt")
+    n_tokens = int((probe["input_ids"] == model_config.image_token_id).sum())
+    if n_tokens != processor.num_image_tokens or n_tokens != model_config.num_image_tokens:
+        raise ValueError(
+            f"LlavaProcessor would expand {processor.image_token} to {n_tokens} tokens but the model takes "
+            f"{model_config.num_image_tokens} (processor: {processor.num_image_tokens}); pixel_values of shape "
+            f"{tuple(probe['pixel_values'].shape)} with patch_size {patch_size}. Make the image processor "
+            f"resize and crop to the tower's image_size ({vision_config.image_size})"
+        )
+    return llava_processor
+
+
+__all__ = [
+    "EXTENSION_SECTIONS",
+    "check_llava_exportable",
+    "llava_config",
+    "llava_vision_feature_select_strategy",
+    "set_chat_stop_tokens",
+    "to_llava",
+    "to_llava_processor",
+]
