@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -18,6 +19,19 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 import yaml
 
 T = TypeVar("T")
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads `1e-3` / `2e5` as floats.
+
+    PyYAML implements YAML 1.1, whose floats need a dot (`1.0e-3`), so `lr: 1e-3` or the override
+    `lr=2e-5` would load as the string "2e-5" and then fail the type check; YAML 1.2 reads a float.
+    """
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
+)
 
 
 class ConfigError(ValueError):
@@ -131,7 +145,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     key, raw = item.split("=", 1)
     if not key:
         raise ConfigError(f"override {item!r} has an empty key")
-    return key.split("."), yaml.safe_load(raw) if raw != "" else ""
+    return key.split("."), yaml.load(raw, Loader=_Loader) if raw != "" else ""
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
@@ -167,7 +181,7 @@ def load_yaml(path: str | Path) -> dict:
     if not path.exists():
         raise ConfigError(f"config file not found: {path}")
     with open(path) as f:
-        data = yaml.safe_load(f) or {}
+        data = yaml.load(f, Loader=_Loader) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping, got {type(data).__name__}")
     return data

@@ -238,12 +238,12 @@ def test_loss_is_mean_shifted_cross_entropy_and_gradients_flow(tiny):
     out.loss.backward()
     named = dict(model.named_parameters())
     for prefix in ("model.multi_modal_projector.", "model.language_model.", "lm_head.",
-                   "model.vision_tower.vision_model.embeddings."):
+                   "model.vision_tower.embeddings."):
         params = {k: p for k, p in named.items() if k.startswith(prefix)}
         assert params, prefix
         for name, param in params.items():
             assert param.grad is not None and param.grad.abs().sum() > 0, name
     # vision_feature_layer=-2: the last vision block and post_layernorm are outside the graph.
-    last = f"model.vision_tower.vision_model.encoder.layers.{model.config.vision_config.num_hidden_layers - 1}."
+    last = f"model.vision_tower.encoder.layers.{model.config.vision_config.num_hidden_layers - 1}."
     unused = [k for k in named if k.startswith(last) or ".post_layernorm." in k]
     assert unused and all(named[k].grad is None for k in unused)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -61,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--model", required=True)
     exp.add_argument("--out", required=True)
     exp.add_argument("--shard-size", default="2GB", help="max safetensors shard size")
+    exp.add_argument("--eval-report", default=None, help="eval JSON (from mllm eval --out) for the model card")
     return parser
 
 
@@ -114,14 +116,31 @@ def cmd_generate(args) -> None:
 def cmd_export(args) -> None:
     from mllm.export import export_model
 
-    print(f"exported to {export_model(args.model, args.out, max_shard_size=args.shard_size)}")
+    metrics = json.loads(Path(args.eval_report).read_text()) if args.eval_report else None
+    print(f"exported to {export_model(args.model, args.out, max_shard_size=args.shard_size, metrics=metrics)}")
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "export": cmd_export}
 
 
+def strip_launcher_args(argv: list[str]) -> list[str]:
+    """The `deepspeed` launcher prepends `--local_rank=N`; torchrun sets LOCAL_RANK instead."""
+    out, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--local_rank=") or arg.startswith("--local-rank="):
+            os.environ.setdefault("LOCAL_RANK", arg.split("=", 1)[1])
+        elif arg in ("--local_rank", "--local-rank") and i + 1 < len(argv):
+            os.environ.setdefault("LOCAL_RANK", argv[i + 1])
+            i += 1
+        else:
+            out.append(arg)
+        i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(strip_launcher_args(sys.argv[1:] if argv is None else argv))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from mllm.data.loader import DataQualityError
     from mllm.schema import ConfigError

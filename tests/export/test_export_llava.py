@@ -174,6 +174,7 @@ def test_parity_check_can_fail(tokenizer_dir, tmp_path):
 
 
 def test_export_model_from_saved_folder_and_verify(tokenizer_dir, tmp_path):
+    """The run-folder path: save_pretrained -> export_model -> verify_export (HF CLIP tower)."""
     model, processor = build(tokenizer_dir, "clip-qwen2")
     model.save_pretrained(tmp_path / "run")
     processor.save_pretrained(tmp_path / "run")
@@ -193,19 +194,14 @@ def test_verify_export_detects_a_wrong_checkpoint(tokenizer_dir, tmp_path):
         verify_export(out, tmp_path / "run")
 
 
-@pytest.mark.xfail(
-    raises=NotImplementedError,
-    strict=True,
-    reason="BUG in mllm/vision/open_clip_tower.py: from_pretrained builds the model on the meta device "
-    "and open_clip.create_model(...) then calls model.to('cpu') ('Cannot copy out of meta tensor'); "
-    "remove this marker once create_open_clip_model passes device=torch.empty(0).device",
-)
 def test_export_model_from_saved_open_clip_folder(tokenizer_dir, tmp_path):
+    """Reloading an open_clip run folder builds the tower on the meta device first (from_pretrained)."""
     model, processor = build(tokenizer_dir, "open_clip-llama")
     model.save_pretrained(tmp_path / "run")
     processor.save_pretrained(tmp_path / "run")
     out = export_model(tmp_path / "run", tmp_path / "export")
     assert verify_export(out, tmp_path / "run") < 1e-5
+    assert_same_as_ours(model, processor, out)
 
 
 # ----------------------------------------------------------------------------- (c): rejections
@@ -233,7 +229,7 @@ def test_active_extension_sections_are_rejected(tokenizer_dir, section):
 def test_processor_token_count_mismatch_is_rejected(tokenizer_dir):
     model, processor = build(tokenizer_dir, "clip-qwen2")
     processor.image_processor.crop_size = {"height": 40, "width": 40}  # 5 x 5 patches, not 4 x 4
-    with pytest.raises(ValueError, match="expand <image> to 26 tokens but the model takes 16"):
+    with pytest.raises(ValueError, match="expand <image> to 25 tokens but the model takes 16"):
         to_llava_processor(processor, model.config)
 
 
