@@ -8,5 +8,11 @@ from mllm.configuration import MLLMConfig, OpenCLIPVisionConfig
 from mllm.modeling import MLLMForConditionalGeneration
 from mllm.processing import MLLMProcessor
 
+# `AutoModelForImageTextToText` / `AutoProcessor` open our run folders once mllm is imported.
+from transformers import AutoModelForImageTextToText, AutoProcessor  # noqa: E402
+
+AutoModelForImageTextToText.register(MLLMConfig, MLLMForConditionalGeneration, exist_ok=True)
+AutoProcessor.register(MLLMConfig, MLLMProcessor, exist_ok=True)
+
 __all__ = ["MLLMConfig", "MLLMForConditionalGeneration", "MLLMProcessor", "OpenCLIPVisionConfig"]
 __version__ = "0.1.0"

@@ -36,12 +36,13 @@ class VisionSpec:
     select_strategy: Literal["default", "full"] = "default"  # default drops CLS
 
     def validate(self):
+        # from_dict prefixes these messages with the section's path ("model.vision: ...").
         if self.type == "open_clip" and not self.name:
-            raise ConfigError("vision.name is required for open_clip towers (an open_clip model name)")
+            raise ConfigError("name is required for open_clip towers (an open_clip model name)")
         if self.type != "open_clip" and not self.name and self.config is None:
-            raise ConfigError(f"vision: a {self.type} tower needs `name` (hub id / path) or `config`")
+            raise ConfigError(f"a {self.type} tower needs `name` (hub id / path) or `config`")
         if self.type != "open_clip" and (self.model_cfg or self.pretrained):
-            raise ConfigError("vision.model_cfg / vision.pretrained apply to open_clip towers only")
+            raise ConfigError("model_cfg / pretrained apply to open_clip towers only")
 
 
 @dataclass
@@ -52,7 +53,7 @@ class ProjectorSpec:
 
     def validate(self):
         if self.depth < 1:
-            raise ConfigError(f"projector.depth must be >= 1, got {self.depth}")
+            raise ConfigError(f"depth must be >= 1, got {self.depth}")
 
 
 @dataclass
@@ -62,9 +63,9 @@ class TextSpec:
 
     def validate(self):
         if (self.name is None) == (self.config is None):
-            raise ConfigError("text: give exactly one of `name` (hub id / path) or `config` (dict with model_type)")
+            raise ConfigError("give exactly one of `name` (hub id / path) or `config` (dict with model_type)")
         if self.config is not None and "model_type" not in self.config:
-            raise ConfigError("text.config needs a model_type (e.g. llama, qwen2)")
+            raise ConfigError("config needs a model_type (e.g. llama, qwen2)")
 
 
 @dataclass
@@ -86,7 +87,13 @@ def vision_config_from_spec(spec: VisionSpec) -> PreTrainedConfig:
         if config.model_type != model_type:
             raise ConfigError(f"vision.name {spec.name!r} is a {config.model_type}, not a {spec.type} vision model")
         return config
-    return AutoConfig.for_model(model_type, **spec.config)
+    kwargs = dict(spec.config)
+    given = kwargs.pop("model_type", model_type)  # a saved config's to_dict() carries it
+    if given != model_type:
+        raise ConfigError(
+            f"vision.config.model_type {given!r} does not match vision.type {spec.type!r} ({model_type})"
+        )
+    return AutoConfig.for_model(model_type, **kwargs)
 
 
 def text_config_from_spec(spec: TextSpec, vocab_size: int) -> PreTrainedConfig:
@@ -153,7 +160,18 @@ def build_model_and_processor(spec: ModelSpec, dtype: torch.dtype = torch.float3
         tokenizer=tokenizer,
         num_image_tokens=config.num_image_tokens,
     )
+    set_generation_defaults(model, tokenizer)
     return model.to(dtype), processor
+
+
+def set_generation_defaults(model: MLLMForConditionalGeneration, tokenizer) -> None:
+    """Stop at the end of an assistant turn, pad with the pad token, never emit `<image>` (an
+    emitted placeholder would ask for an image that does not exist on the next uncached step)."""
+    end_id = tokenizer.convert_tokens_to_ids("<|end|>")
+    stop = [i for i in (end_id, tokenizer.eos_token_id) if i is not None and i != tokenizer.unk_token_id]
+    model.generation_config.eos_token_id = stop
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.suppress_tokens = [model.config.image_token_id]
 
 
 def load_hf_vision_tower(model: MLLMForConditionalGeneration, spec: VisionSpec) -> None:

@@ -95,4 +95,6 @@ class MLLMConfig(PreTrainedConfig):
         return n
 
 
+AutoConfig.register("mllm", MLLMConfig)
+
 __all__ = ["MLLMConfig", "OpenCLIPVisionConfig"]

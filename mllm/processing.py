@@ -68,9 +68,7 @@ def count_images(messages: Sequence[dict]) -> int:
 class MLLMProcessor(ProcessorMixin):
     """Image processor + tokenizer; `num_image_tokens` is the LLM-side length of one image."""
 
-    attributes = ["image_processor", "tokenizer"]
-    image_processor_class = "AutoImageProcessor"
-    tokenizer_class = "AutoTokenizer"
+    # transformers v5 infers the sub-processors (image_processor, tokenizer) from __init__'s arguments.
 
     def __init__(self, image_processor=None, tokenizer=None, num_image_tokens: int = 1,
                  chat_template: str | None = None, image_token: str = IMAGE_TOKEN, **kwargs):

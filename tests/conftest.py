@@ -4,6 +4,13 @@ Everything is built offline and small enough for the whole model suite to run on
 48x48 images with 16-pixel patches (9 patches + CLS), 32-64-wide towers and LMs with 2 layers.
 """
 
+import os
+
+# Triton kernels run in the interpreter on CPU; the mode is fixed when triton is first imported,
+# so it must be set before any test module imports mllm.kernels.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
 from __future__ import annotations
 
 import json
@@ -22,6 +29,7 @@ from mllm.tokenizer import IMAGE_TOKEN, load_tokenizer, train_tokenizer
 IMAGE_SIZE = 48  # the shapes world's 3 x 16-pixel cells
 PATCH_SIZE = 16  # -> 3 x 3 = 9 patches (+ CLS)
 TOKENIZER_VOCAB = 320  # 9 special + 256 byte tokens + a few merges
+IMAGE_TOKEN_ID = 4  # <image> in tokenizers from mllm.tokenizer.train_tokenizer (special tokens first)
 
 
 @pytest.fixture(scope="session")
@@ -34,7 +42,8 @@ def synth_world(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tokenizer_dir(synth_world, tmp_path_factory):
     out = tmp_path_factory.mktemp("tokenizer")
-    train_tokenizer([str(synth_world / "corpus.txt")], out, vocab_size=TOKENIZER_VOCAB)
+    tokenizer = train_tokenizer([str(synth_world / "corpus.txt")], out, vocab_size=TOKENIZER_VOCAB)
+    assert len(tokenizer) == TOKENIZER_VOCAB and tokenizer.convert_tokens_to_ids(IMAGE_TOKEN) == IMAGE_TOKEN_ID
     return out
 
 
@@ -86,12 +95,10 @@ class Tiny:
         cls = {"llama": LlamaConfig, "qwen2": Qwen2Config}[kind]
         return cls(**{**kwargs, **overrides})
 
-    def config(self, vision: str = "clip", text: str = "llama", image_token_id: int | None = None,
+    def config(self, vision: str = "clip", text: str = "llama", image_token_id: int = IMAGE_TOKEN_ID,
                **kwargs) -> MLLMConfig:
         vision_config = {"clip": self.clip_config, "siglip": self.siglip_config,
                          "open_clip": self.open_clip_config}[vision]()
-        if image_token_id is None:
-            image_token_id = 4  # IMAGE_TOKEN's id in tokenizers from mllm.tokenizer.train_tokenizer
         return MLLMConfig(vision_config=vision_config, text_config=self.text_config(text),
                           image_token_id=image_token_id, **kwargs)
 
@@ -105,7 +112,7 @@ class Tiny:
                 noise = torch.randn(param.shape, generator=generator)
                 if param.ndim == 1 and name.endswith("weight"):  # norm scales: near 1
                     param.copy_(1.0 + 0.2 * noise)
-                elif param.ndim == 1:  # biases, class embeddings
+                elif param.ndim <= 1:  # biases, class embeddings, scalars (open_clip's logit_scale)
                     param.copy_(0.2 * noise)
                 else:  # fan-in scaled: activations stay O(1), logits spread enough for stable argmax
                     param.copy_(noise * param[0].numel() ** -0.5)
@@ -118,13 +125,11 @@ class Tiny:
 
     # ---- processor and inputs -------------------------------------------------------------------
     @staticmethod
-    def image_processor(config: MLLMConfig | None = None) -> CLIPImageProcessor:
-        return CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE},
-                                  crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
-
-    def processor(self, tokenizer, config: MLLMConfig) -> MLLMProcessor:
+    def processor(tokenizer, config: MLLMConfig) -> MLLMProcessor:
         assert tokenizer.convert_tokens_to_ids(IMAGE_TOKEN) == config.image_token_id
-        return MLLMProcessor(image_processor=self.image_processor(config), tokenizer=tokenizer,
+        image_processor = CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE},
+                                             crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+        return MLLMProcessor(image_processor=image_processor, tokenizer=tokenizer,
                              num_image_tokens=config.num_image_tokens)
 
     @staticmethod

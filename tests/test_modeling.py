@@ -17,7 +17,7 @@ from transformers import LlavaConfig, LlavaForConditionalGeneration
 from mllm.modeling import IGNORE_INDEX, MLLMForConditionalGeneration
 
 ATOL = 1e-5
-IMAGE_TOKEN_ID = 4  # <image> in our tokenizers (special tokens come first)
+IMAGE_TOKEN_ID = 4  # <image> in our tokenizers (special tokens come first; conftest checks it)
 PROMPTS = [
     "<|user|>\n<image>\nWhat color is the circle?<|end|>\n<|assistant|>\n",
     "<|system|>\nBe brief.<|end|>\n<|user|>\nLook: <image>\nshape?<|end|>\n<|assistant|>\n",
@@ -121,7 +121,7 @@ def test_cached_generation_equals_uncached_and_unbatched(tiny, tokenizer, synth_
 # ---------------------------------------------------------------------------------------- errors
 
 
-def test_more_image_tokens_than_features_raises(tiny):
+def test_image_token_and_feature_count_mismatch_raises(tiny):
     model = tiny.model("clip")
     n = model.config.num_image_tokens
     input_ids = torch.tensor([[10] + [IMAGE_TOKEN_ID] * (2 * n) + [11]])  # two images' worth of tokens

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from mllm.builder import ModelSpec
 from mllm.schema import ConfigError, apply_overrides, from_dict, load_yaml
 
-OBJECTIVES = ("lm", "contrastive")
 
 
 @dataclass
@@ -123,7 +122,3 @@ def load_run_config(path: str | Path, overrides: list[str] | None = None) -> Run
         return from_dict(RunConfig, data)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
-
-
-def resolve_path(path: str, base: Any = None) -> str:
-    return str(Path(path).expanduser())

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from mllm.builder import set_generation_defaults
 from mllm.data.sources import decode_image, open_source
 from mllm.modeling import MLLMForConditionalGeneration
 from mllm.processing import MLLMProcessor, llava_to_messages
@@ -23,6 +24,7 @@ def load_for_inference(folder: str):
         raise FileNotFoundError(f"{folder} is not a model folder (no config.json)")
     model = MLLMForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
     processor = MLLMProcessor.from_pretrained(folder)
+    set_generation_defaults(model, processor.tokenizer)
     return model, processor
 
 
@@ -35,10 +37,8 @@ def generate_batch(model, processor: MLLMProcessor, prompts: list[str], images: 
                    use_cache: bool = True) -> list[str]:
     inputs = processor(images=images, text=prompts, padding_side="left")
     inputs.pop("modality_ids")
-    end_id = processor.tokenizer.convert_tokens_to_ids("<|end|>")
-    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, use_cache=use_cache,
-                         eos_token_id=[end_id, processor.tokenizer.eos_token_id],
-                         pad_token_id=processor.tokenizer.pad_token_id)
+    # Stop tokens (<|end|>, EOS) and padding come from the model's generation config (builder.py).
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, use_cache=use_cache)
     new_tokens = out[:, inputs["input_ids"].shape[1]:]
     return processor.batch_decode(new_tokens, skip_special_tokens=True)
 
@@ -52,7 +52,7 @@ def answer(model, processor: MLLMProcessor, images: list, questions: list[str], 
 
 
 def vqa_items(source, max_samples: int, processor: MLLMProcessor):
-    """(prompt, image, reference, question_type) for every question of the first samples."""
+    """(prompt, image, reference, question_type, question) for every question of the first samples."""
     for i in range(min(max_samples, len(source))):
         record = source[i]
         if record.meta.get("kind") != "vqa":
@@ -63,7 +63,8 @@ def vqa_items(source, max_samples: int, processor: MLLMProcessor):
         for turn in range(0, len(messages) - 1, 2):
             prompt = processor.apply_chat_template(messages[: turn + 1], add_generation_prompt=True, tokenize=False)
             reference = messages[turn + 1]["content"][0]["text"]
-            yield prompt, image, reference, types[turn // 2]
+            question = " ".join(c["text"] for c in messages[turn]["content"] if c["type"] == "text")
+            yield prompt, image, reference, types[turn // 2], question
 
 
 def evaluate(model, processor: MLLMProcessor, data: str, max_samples: int = 500, batch_size: int = 32,
@@ -80,15 +81,14 @@ def evaluate(model, processor: MLLMProcessor, data: str, max_samples: int = 500,
     for start in range(0, len(items), batch_size):
         chunk = items[start:start + batch_size]
         outputs = generate_batch(model, processor, [c[0] for c in chunk], [c[1] for c in chunk], max_new_tokens)
-        for (prompt, _, reference, qtype), output in zip(chunk, outputs):
+        for (_, _, reference, qtype, question), output in zip(chunk, outputs):
             hit = normalize(output) == normalize(reference)
             correct[qtype] += hit
             total[qtype] += 1
             answers_by_type[qtype].add(normalize(reference))
             generated += len(processor.tokenizer(output, add_special_tokens=False)["input_ids"]) + 1
             if len(examples) < 5:
-                examples.append({"question": prompt.splitlines()[-3] if prompt.count("\n") >= 3 else prompt,
-                                 "reference": reference, "output": output})
+                examples.append({"question": question, "reference": reference, "output": output})
     elapsed = time.perf_counter() - started
     per_type = {t: {"accuracy": correct[t] / total[t], "n": total[t],
                     # Chance: a uniform guess among this type's answers in the evaluated data.

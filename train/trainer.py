@@ -7,7 +7,6 @@ the interrupted one from its latest committed checkpoint, reproducing the uninte
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -197,7 +196,3 @@ def make_progress(info: DistInfo, stage: StageSpec, start: int, total: int):
     from tqdm import tqdm
 
     return tqdm(total=total, initial=start, desc=stage.name, dynamic_ncols=True, mininterval=2.0)
-
-
-def write_json(path: Path, data: dict) -> None:
-    Path(path).write_text(json.dumps(data, indent=2))

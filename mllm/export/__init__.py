@@ -75,7 +75,7 @@ def save_as_llava(
     share_weights: bool = False,
 ) -> Path:
     """Convert an in-memory model + processor and write the Llava checkpoint folder atomically."""
-    from mllm.export.llava import set_chat_stop_tokens, to_llava, to_llava_processor
+    from mllm.export.llava import to_llava, to_llava_processor
     from mllm.export.model_card import write_model_card
 
     out_dir = Path(out_dir)
@@ -83,7 +83,6 @@ def save_as_llava(
     # Convert before touching the disk: an unexportable model fails without leaving anything behind.
     llava = to_llava(model, share_weights=share_weights)
     llava_processor = to_llava_processor(processor, model.config)
-    set_chat_stop_tokens(llava, llava_processor.tokenizer)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     if tmp.exists():
         logger.warning("removing %s left by an interrupted export", tmp)

@@ -33,7 +33,6 @@ EXTENSION_SECTIONS = ("moe", "mod", "moh", "attention", "compression")
 # Llava's LlavaMultiModalProjector is exactly linear_1 -> act -> linear_2.
 LLAVA_PROJECTOR_DEPTH = 2
 # The chat template (mllm/tokenizer.py) ends every turn with this token; generation stops on it.
-END_OF_TURN = "<|end|>"
 
 
 # ----------------------------------------------------------------------------- checks
@@ -162,21 +161,6 @@ def to_llava(model: MLLMForConditionalGeneration, share_weights: bool = False) -
     return llava.eval()
 
 
-def set_chat_stop_tokens(llava: LlavaForConditionalGeneration, tokenizer) -> None:
-    """Make `generate` stop at the end of the assistant turn, as `train/evaluate.py` does.
-
-    Our chat template closes every turn with `END_OF_TURN`, while the tokenizer's EOS never appears
-    in chat; without this a plain `model.generate(**inputs)` runs on to `max_new_tokens`.
-    """
-    end_id = tokenizer.convert_tokens_to_ids(END_OF_TURN)
-    if end_id is None or end_id == tokenizer.unk_token_id:
-        return
-    stop = [end_id] + [t for t in [tokenizer.eos_token_id] if t is not None and t != end_id]
-    llava.generation_config.eos_token_id = stop
-    if tokenizer.pad_token_id is not None:
-        llava.generation_config.pad_token_id = tokenizer.pad_token_id
-
-
 # ----------------------------------------------------------------------------- processor
 
 
@@ -225,7 +209,6 @@ __all__ = [
     "check_llava_exportable",
     "llava_config",
     "llava_vision_feature_select_strategy",
-    "set_chat_stop_tokens",
     "to_llava",
     "to_llava_processor",
 ]

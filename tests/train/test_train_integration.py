@@ -81,10 +81,15 @@ def losses(run_dir: Path, stage: str = "instruct") -> dict[int, float]:
     return {r["step"]: r["loss"] for r in records if r.get("stage") == stage}
 
 
-def test_resume_reproduces_uninterrupted_run(world):
-    full = write_recipe(world, "full", tiny_recipe(world, "run_full"))
-    mllm("train", str(full))
-    reference = losses(world / "run_full")
+@pytest.fixture(scope="module")
+def full_run(world) -> Path:
+    """The uninterrupted reference run (6 steps, checkpoints every 3)."""
+    mllm("train", str(write_recipe(world, "full", tiny_recipe(world, "run_full"))))
+    return world / "run_full"
+
+
+def test_resume_reproduces_uninterrupted_run(world, full_run):
+    reference = losses(full_run)
     assert sorted(reference) == [1, 2, 3, 4, 5, 6]
 
     split = write_recipe(world, "split", tiny_recipe(world, "run_split"))
@@ -181,3 +186,30 @@ def test_too_many_bad_samples_abort_the_run(world):
     proc = mllm("train", str(write_recipe(world, "abort", recipe)), check=False)
     assert proc.returncode == 2
     assert "CorruptImageError" in proc.stderr and "max_bad_fraction" in proc.stderr
+
+
+def test_eval_generate_export_commands_on_a_trained_run(world, full_run, tmp_path):
+    report_path = tmp_path / "eval.json"
+    proc = mllm("eval", "--model", str(full_run / "model"), "--data",
+                str(world / "data" / "wds" / "heldout-vqa-*.tar"), "--max-samples", "4", "--batch-size", "3",
+                "--out", str(report_path))
+    report = json.loads(report_path.read_text())
+    assert report["n"] >= 8 and set(report["per_type"]) <= {"color", "shape", "count", "position"}
+    assert "overall" in proc.stdout
+    image = sorted((world / "data" / "llava" / "images").glob("heldout-*.png"))[0]
+    proc = mllm("generate", "--model", str(full_run / "model"), "--image", str(image),
+                "--prompt", "How many shapes are there?", "--max-new-tokens", "4")
+    assert proc.returncode == 0
+    proc = mllm("export", "--model", str(full_run / "model"), "--out", str(tmp_path / "export"),
+                "--eval-report", str(report_path))
+    from transformers import AutoModelForImageTextToText
+
+    exported = AutoModelForImageTextToText.from_pretrained(tmp_path / "export")
+    assert type(exported).__name__ == "LlavaForConditionalGeneration"
+    assert "pipeline_tag: image-text-to-text" in (tmp_path / "export" / "README.md").read_text()
+
+
+def test_help_of_every_subcommand():
+    for args in ([], ["data", "synth"], ["train"], ["eval"], ["generate"], ["export"]):
+        proc = mllm(*args, "--help")
+        assert proc.stdout.startswith("usage: mllm") and len(proc.stdout) > 200, args
