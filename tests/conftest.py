@@ -4,14 +4,13 @@ Everything is built offline and small enough for the whole model suite to run on
 48x48 images with 16-pixel patches (9 patches + CLS), 32-64-wide towers and LMs with 2 layers.
 """
 
+from __future__ import annotations
+
 import os
 
 # Triton kernels run in the interpreter on CPU; the mode is fixed when triton is first imported,
 # so it must be set before any test module imports mllm.kernels.
 os.environ.setdefault("TRITON_INTERPRET", "1")
-
-
-from __future__ import annotations
 
 import json
 
