@@ -69,11 +69,22 @@ class TextSpec:
 
 
 @dataclass
+class AttentionSpec:
+    """`mode`: causal | mma (image tokens also see the question after them) | mma_aki (AKI's exact mask,
+    reference backend). `backend`: auto (Triton on CUDA, else the PyTorch reference) | triton | flex |
+    reference | sdpa (causal: the backbone's own attention; MMA: SDPA with a materialised mask)."""
+
+    mode: Literal["causal", "mma", "mma_aki"] = "causal"
+    backend: Literal["auto", "triton", "flex", "sdpa", "reference"] = "sdpa"
+
+
+@dataclass
 class ModelSpec:
     vision: VisionSpec = field(default_factory=VisionSpec)
     projector: ProjectorSpec = field(default_factory=ProjectorSpec)
     text: TextSpec = field(default_factory=lambda: TextSpec(config={"model_type": "llama"}))
     tokenizer: str | None = None  # hub id / path; defaults to text.name
+    attention: AttentionSpec = field(default_factory=AttentionSpec)
 
 
 def vision_config_from_spec(spec: VisionSpec) -> PreTrainedConfig:
@@ -128,6 +139,15 @@ def image_processor_for(spec: VisionSpec, vision_config: PreTrainedConfig):
     )
 
 
+def attention_config(spec: AttentionSpec, tokenizer) -> dict | None:
+    if spec.mode == "causal" and spec.backend == "sdpa":
+        return None  # the backbone's own attention, untouched
+    assistant = tokenizer.convert_tokens_to_ids("<|assistant|>")
+    if spec.mode != "causal" and (assistant is None or assistant == tokenizer.unk_token_id):
+        raise ConfigError("attention.mode mma needs an assistant-turn token <|assistant|> in the tokenizer")
+    return {"mode": spec.mode, "backend": spec.backend, "assistant_token_id": assistant}
+
+
 def build_model_and_processor(spec: ModelSpec, dtype: torch.dtype = torch.float32):
     """Build model + processor, loading any pretrained tower / backbone weights the spec names."""
     tokenizer_name = spec.tokenizer or spec.text.name
@@ -146,6 +166,7 @@ def build_model_and_processor(spec: ModelSpec, dtype: torch.dtype = torch.float3
         projector_hidden_act=spec.projector.act,
         projector_depth=spec.projector.depth,
         multimodal_projector_bias=spec.projector.bias,
+        attention=attention_config(spec.attention, tokenizer),
     )
     model = MLLMForConditionalGeneration(config)
     if isinstance(vision_config, OpenCLIPVisionConfig):

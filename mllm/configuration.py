@@ -64,6 +64,9 @@ class MLLMConfig(PreTrainedConfig):
     projector_depth: int = 2
     multimodal_projector_bias: bool = True
     tie_word_embeddings: bool = False
+    # {"mode": causal|mma|mma_aki, "backend": auto|triton|flex|sdpa|reference, "assistant_token_id": int}.
+    # None = the backbone's own attention (plain causal), exactly the dense LLaVA model.
+    attention: dict | None = None
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -71,6 +74,14 @@ class MLLMConfig(PreTrainedConfig):
             self.tie_word_embeddings = True
         if self.projector_depth < 1:
             raise ValueError(f"projector_depth must be >= 1, got {self.projector_depth}")
+        if self.attention is not None and self.attention.get("mode", "causal") != "causal" \
+                and self.attention.get("assistant_token_id") is None:
+            raise ValueError("attention.mode mma needs attention.assistant_token_id (the assistant-turn header)")
+
+    @property
+    def uses_interval_attention(self) -> bool:
+        return self.attention is not None and (self.attention.get("mode", "causal") != "causal"
+                                               or self.attention.get("backend", "sdpa") != "sdpa")
 
     @property
     def hidden_size(self) -> int:

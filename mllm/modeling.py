@@ -59,7 +59,12 @@ class MLLMModel(MLLMPreTrainedModel):
             act=config.projector_hidden_act,
             bias=config.multimodal_projector_bias,
         )
-        self.language_model = AutoModel.from_config(config.text_config)
+        if config.uses_interval_attention:
+            from mllm.attention.interface import IMPLEMENTATION
+
+            self.language_model = AutoModel.from_config(config.text_config, attn_implementation=IMPLEMENTATION)
+        else:
+            self.language_model = AutoModel.from_config(config.text_config)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
@@ -105,6 +110,7 @@ class MLLMModel(MLLMPreTrainedModel):
         cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
+        modality_ids: torch.LongTensor | None = None,
         **kwargs,
     ):
         if (input_ids is None) == (inputs_embeds is None):
@@ -120,6 +126,9 @@ class MLLMModel(MLLMPreTrainedModel):
         elif input_ids is not None and (cache is None or cache.get_seq_length() == 0):
             if bool((input_ids == self.config.image_token_id).any()):
                 raise ValueError("input_ids contain image tokens but no pixel_values were given")
+        prefill = cache is None or cache.get_seq_length() == 0
+        if self.config.uses_interval_attention and prefill:
+            kwargs.update(self.attention_layout_kwargs(input_ids, attention_mask, modality_ids))
         outputs = self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
@@ -129,6 +138,20 @@ class MLLMModel(MLLMPreTrainedModel):
             **kwargs,
         )
         return outputs, image_features
+
+
+    def attention_layout_kwargs(self, input_ids, attention_mask, modality_ids) -> dict:
+        """The per-batch key windows every layer's attention reads (computed once, at prefill)."""
+        from mllm.attention.layout import compute_layout
+
+        if input_ids is None:
+            raise ValueError("interval attention needs input_ids to find image spans and assistant turns")
+        attention = self.config.attention
+        if modality_ids is None:
+            modality_ids = (input_ids == self.config.image_token_id).long()
+        layout = compute_layout(attention_mask, modality_ids, input_ids == attention["assistant_token_id"],
+                                mode=attention.get("mode", "causal"))
+        return {"attention_layout": layout, "attention_backend": attention.get("backend", "auto")}
 
 
 class MLLMForConditionalGeneration(MLLMPreTrainedModel, GenerationMixin):
@@ -177,6 +200,7 @@ class MLLMForConditionalGeneration(MLLMPreTrainedModel, GenerationMixin):
             cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            modality_ids=modality_ids,
             **kwargs,
         )
         hidden = outputs.last_hidden_state  # [B, T, D]
