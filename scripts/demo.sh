@@ -6,7 +6,7 @@
 set -euo pipefail
 START=$(date +%s)
 source "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh"
-RUN=runs/demo
+RUN="${RUN:-runs/demo}"  # e.g. RUN=runs/demo_mma ./scripts/demo.sh model.attention.mode=mma
 DATA=data/demo
 
 if [ ! -f "$DATA/tokenizer/tokenizer.json" ]; then
