@@ -7,6 +7,7 @@ the interrupted one from its latest committed checkpoint, reproducing the uninte
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -78,6 +79,8 @@ def run_recipe(cfg: RunConfig, max_steps: int | None = None) -> Path | None:
     if info.is_main:
         save_model_folder(cfg, previous, out / "model")
         plot_losses(metrics.path, out / "loss.png")
+        if cfg.eval.source is not None:
+            evaluate_run(cfg, out)
     barrier()
     metrics.close()
     return out / "model"
@@ -89,6 +92,17 @@ def save_model_folder(cfg: RunConfig, weights: Path, folder: Path) -> None:
     ckpt.load_weights(model, weights)
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
+
+
+def evaluate_run(cfg: RunConfig, out: Path) -> None:
+    """Held-out exact match of the trained model (the recipe's `eval:` section) -> `<run>/eval.json`."""
+    from mllm.train.evaluate import evaluate, format_report, load_for_inference
+
+    model, processor = load_for_inference(out / "model")
+    report = evaluate(model, processor, cfg.eval.source.path, max_samples=cfg.eval.max_samples,
+                      batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens)
+    (out / "eval.json").write_text(json.dumps(report, indent=2))
+    logger.info("held-out evaluation (%s):\n%s", cfg.eval.source.path, format_report(report))
 
 
 def train_stage(cfg: RunConfig, index: int, init_from: Path | None, info: DistInfo, metrics: MetricsLogger,
@@ -123,7 +137,7 @@ def train_stage(cfg: RunConfig, index: int, init_from: Path | None, info: DistIn
         step += 1
         elapsed = time.perf_counter() - started
         record = {"stage": stage.name, "step": step, "loss": loss, "lr": engine.get_lr()[0],
-                  "tokens_per_s": tokens / elapsed, "samples": loader.position,
+                  "tokens_per_s": all_reduce(tokens) / elapsed, "samples": loader.position,
                   "rejected": all_reduce(sum(loader.rejected.values()))}
         if progress is not None:
             progress.update(1)
@@ -146,7 +160,7 @@ def train_stage(cfg: RunConfig, index: int, init_from: Path | None, info: DistIn
 
 
 def train_step(engine, objective, loader: StageLoader) -> tuple[float, int]:
-    """One optimizer step over `grad_accum` micro-batches; returns (global mean loss, local tokens)."""
+    """One optimizer step over `grad_accum` micro-batches; returns (global mean loss, this rank's tokens)."""
     micro_batches = loader.next_step()
     problem = loader.quality_problem()
     if all_reduce(1.0 if problem else 0.0, "max") > 0:
