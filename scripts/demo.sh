@@ -17,12 +17,12 @@ else
 fi
 
 echo "[demo] 2/5 training (stage 0 CLIP -> stage 1 align -> stage 2 instruct) into $RUN"
-mllm train configs/recipes/demo.yaml run.output_dir="$RUN" "$@" 2> >(grep -v -E "INFO root:|WARNING root:|UserWarning|warnings.warn" >&2)
+mllm train configs/recipes/demo.yaml run.output_dir="$RUN" "$@"
 
 echo "[demo] 3/5 held-out evaluation (greedy, KV cache) -> $RUN/eval.json"
 if [ ! -f "$RUN/eval.json" ]; then  # the recipe's eval section already wrote it at the end of training
   mllm eval --model "$RUN/model" --data "$DATA/wds/heldout-vqa-*.tar" --max-samples 400 --batch-size 64 \
-    --out "$RUN/eval.json" 2> >(grep -v -E "INFO root:|WARNING root:" >&2)
+    --out "$RUN/eval.json"
 fi
 
 echo "[demo] 4/5 exporting to $RUN/export (loads with plain transformers)"

@@ -123,6 +123,15 @@ def cmd_export(args) -> None:
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "export": cmd_export}
 
 
+def configure_logging() -> None:
+    """INFO for our loggers; open_clip's per-build chatter (it logs on the root logger) is dropped."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    quiet = logging.Filter()
+    quiet.filter = lambda record: "open_clip" not in record.pathname
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(quiet)
+
+
 def strip_launcher_args(argv: list[str]) -> list[str]:
     """The `deepspeed` launcher prepends `--local_rank=N`; torchrun sets LOCAL_RANK instead."""
     out, i = [], 0
@@ -141,7 +150,7 @@ def strip_launcher_args(argv: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(strip_launcher_args(sys.argv[1:] if argv is None else argv))
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging()
     from mllm.data.loader import DataQualityError
     from mllm.schema import ConfigError
 
