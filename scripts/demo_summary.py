@@ -15,8 +15,12 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 def ask(export_dir: Path, image: Image.Image, question: str) -> str:
     """Transformers only: what a user of the exported folder would write."""
-    model = AutoModelForImageTextToText.from_pretrained(export_dir, dtype=torch.float32).eval()
-    processor = AutoProcessor.from_pretrained(export_dir)
+    # trust_remote_code: an MMA-trained export carries its attention as flat remote-code files
+    # (torch + transformers only); a causal export is plain Llava and needs none.
+    remote = (export_dir / "modeling_mllm_llava.py").is_file()
+    model = AutoModelForImageTextToText.from_pretrained(export_dir, dtype=torch.float32,
+                                                        trust_remote_code=remote).eval()
+    processor = AutoProcessor.from_pretrained(export_dir, trust_remote_code=remote)
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
     inputs = processor(images=image, text=prompt, return_tensors="pt")

@@ -60,6 +60,9 @@ def default_description(config) -> str:
         f"`LlavaForConditionalGeneration`: {tower} vision tower (layer {config.vision_feature_layer}, "
         f"{config.num_image_tokens} tokens per image), {config.projector_depth}-layer "
         f"{config.projector_hidden_act} MLP projector, {config.text_config.model_type} language model."
+        + (" Trained with modality-mutual attention (image tokens also see the question after them):"
+           " load with `trust_remote_code=True` (the flat remote-code files beside the weights import only"
+           " torch and transformers)." if config.uses_interval_attention else "")
     )
 
 
@@ -81,7 +84,8 @@ def save_as_llava(
     out_dir = Path(out_dir)
     _check_target(out_dir)
     # Convert before touching the disk: an unexportable model fails without leaving anything behind.
-    llava = to_llava(model, share_weights=share_weights)
+    mma = model.config.attention if model.config.uses_interval_attention else None
+    llava = to_llava(model, share_weights=share_weights, with_mma_remote_code=mma is not None)
     llava_processor = to_llava_processor(processor, model.config)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     if tmp.exists():
@@ -90,6 +94,8 @@ def save_as_llava(
     try:
         llava.save_pretrained(tmp, max_shard_size=max_shard_size)
         llava_processor.save_pretrained(tmp)
+        if mma is not None:
+            write_mma_remote_code(tmp, mma)
         write_model_card(
             tmp,
             base_model=base_model,
@@ -106,6 +112,41 @@ def save_as_llava(
         raise
     logger.info("exported Llava checkpoint to %s", out_dir)
     return out_dir
+
+
+REMOTE_FILES = ("configuration_mllm_llava.py", "modeling_mllm_llava.py")
+
+
+def has_remote_code(folder: str | os.PathLike) -> bool:
+    """True for exports that need `trust_remote_code=True` (MMA models)."""
+    return (Path(folder) / "modeling_mllm_llava.py").is_file()
+
+
+def write_mma_remote_code(folder: Path, attention: dict) -> None:
+    """Make a saved Llava folder load as Llava + modality-mutual attention (`trust_remote_code=True`).
+
+    The weights stay a plain Llava checkpoint; config.json points the Auto classes at the remote code
+    (flat sibling files importing only torch + transformers) and records the MMA settings.
+    """
+    import json
+
+    from mllm.attention import layout
+
+    remote = Path(__file__).parent / "remote"
+    for name in REMOTE_FILES:
+        shutil.copy(remote / name, folder / name)
+    shutil.copy(layout.__file__, folder / "mma_layout.py")  # torch-only: one source for the layout
+    config_path = folder / "config.json"
+    config = json.loads(config_path.read_text())
+    config.update(
+        model_type="mllm_mma_llava",
+        architectures=["MMALlavaForConditionalGeneration"],
+        auto_map={"AutoConfig": "configuration_mllm_llava.MMALlavaConfig",
+                  "AutoModelForImageTextToText": "modeling_mllm_llava.MMALlavaForConditionalGeneration"},
+        mma_mode=attention.get("mode", "mma"),
+        mma_assistant_token_id=attention["assistant_token_id"],
+    )
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
 
 
 def export_model(
@@ -150,8 +191,10 @@ def verify_export(out_dir: str | os.PathLike, model_dir: str | os.PathLike, atol
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     model, processor = load_mllm(model_dir, dtype=torch.float32)
-    exported = AutoModelForImageTextToText.from_pretrained(out_dir, dtype=torch.float32).eval()
-    exported_processor = AutoProcessor.from_pretrained(out_dir)
+    remote = has_remote_code(out_dir)
+    exported = AutoModelForImageTextToText.from_pretrained(out_dir, dtype=torch.float32,
+                                                           trust_remote_code=remote).eval()
+    exported_processor = AutoProcessor.from_pretrained(out_dir, trust_remote_code=remote)
 
     vision = model.config.vision_config
     image, messages = verification_inputs(vision.image_size if isinstance(vision.image_size, int) else vision.image_size[0])

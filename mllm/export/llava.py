@@ -47,8 +47,11 @@ def _section_is_active(section) -> bool:
     return getattr(section, "enabled", True) is not False
 
 
-def check_llava_exportable(config: MLLMConfig) -> None:
-    """Raise a ValueError naming every part of `config` that a Llava checkpoint cannot represent."""
+def check_llava_exportable(config: MLLMConfig, with_mma_remote_code: bool = False) -> None:
+    """Raise a ValueError naming every part of `config` that a Llava checkpoint cannot represent.
+
+    `with_mma_remote_code`: the attention section is carried by the MMA remote code beside the weights.
+    """
     problems = []
     if config.projector_depth != LLAVA_PROJECTOR_DEPTH:
         problems.append(
@@ -56,6 +59,8 @@ def check_llava_exportable(config: MLLMConfig) -> None:
             f"linear_2, i.e. depth {LLAVA_PROJECTOR_DEPTH}); train with projector.depth: 2 to export as Llava"
         )
     for name in EXTENSION_SECTIONS:
+        if name == "attention" and with_mma_remote_code:
+            continue
         section = getattr(config, name, None)
         if _section_is_active(section):
             problems.append(
@@ -95,9 +100,10 @@ def _hf_vision_tower(model: MLLMForConditionalGeneration) -> nn.Module:
     return tower
 
 
-def llava_config(config: MLLMConfig, vision_config: PreTrainedConfig) -> LlavaConfig:
+def llava_config(config: MLLMConfig, vision_config: PreTrainedConfig,
+                 with_mma_remote_code: bool = False) -> LlavaConfig:
     """The LlavaConfig of our model, given the (transformers-native) vision config of its tower."""
-    check_llava_exportable(config)
+    check_llava_exportable(config, with_mma_remote_code)
     return LlavaConfig(
         vision_config=copy.deepcopy(vision_config).to_dict(),
         text_config=copy.deepcopy(config.text_config).to_dict(),
@@ -124,7 +130,8 @@ def _parts(model: MLLMForConditionalGeneration, vision_tower: nn.Module) -> dict
     }
 
 
-def to_llava(model: MLLMForConditionalGeneration, share_weights: bool = False) -> LlavaForConditionalGeneration:
+def to_llava(model: MLLMForConditionalGeneration, share_weights: bool = False,
+             with_mma_remote_code: bool = False) -> LlavaForConditionalGeneration:
     """A `LlavaForConditionalGeneration` (eval mode) computing exactly what `model` computes.
 
     Weights are copied (`share_weights=True` makes the Llava model use `model`'s tensors instead, which
@@ -132,10 +139,10 @@ def to_llava(model: MLLMForConditionalGeneration, share_weights: bool = False) -
     is built on the meta device and receives the tensors with a strict load, so a missing, extra or
     misshapen tensor is an error, never a silently random-initialised layer.
     """
-    check_llava_exportable(model.config)
+    check_llava_exportable(model.config, with_mma_remote_code)
     _check_no_lora(model)
     vision_tower = _hf_vision_tower(model)
-    config = llava_config(model.config, vision_tower.config)
+    config = llava_config(model.config, vision_tower.config, with_mma_remote_code)
     with torch.device("meta"):
         llava = LlavaForConditionalGeneration(config)
 
