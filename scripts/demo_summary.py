@@ -29,13 +29,18 @@ def ask(export_dir: Path, image: Image.Image, question: str) -> str:
     return processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
 
-def training_tokens_per_s(metrics: Path) -> dict[str, float]:
+def training_throughput(run: Path) -> dict[str, tuple[float, str]]:
+    """Mean logged throughput per stage, with its unit (a contrastive stage counts images)."""
+    import yaml
+
+    objectives = {s["name"]: s["objective"] for s in yaml.safe_load((run / "config.yaml").read_text())["stages"]}
     rates: dict[str, list[float]] = {}
-    for line in metrics.read_text().splitlines():
+    for line in (run / "metrics.jsonl").read_text().splitlines():
         record = json.loads(line)
         if "tokens_per_s" in record:
             rates.setdefault(record["stage"], []).append(record["tokens_per_s"])
-    return {stage: sum(v) / len(v) for stage, v in rates.items()}
+    return {stage: (sum(v) / len(v), "images/s" if objectives.get(stage) == "contrastive" else "tokens/s")
+            for stage, v in rates.items()}
 
 
 def main() -> None:
@@ -53,7 +58,7 @@ def main() -> None:
     answer = ask(run / "export", image, question)
 
     report = json.loads((run / "eval.json").read_text())
-    rates = training_tokens_per_s(run / "metrics.jsonl")
+    rates = training_throughput(run)
     rows = [("question type", "n", "accuracy", "chance")]
     rows += [(t, str(r["n"]), f"{r['accuracy']:.3f}", f"{r['chance']:.3f}") for t, r in report["per_type"].items()]
     rows.append(("overall", str(report["n"]), f"{report['accuracy']:.3f}", f"{report['chance']:.3f}"))
@@ -62,8 +67,8 @@ def main() -> None:
     for row in rows:
         print("  ".join(cell.ljust(width[i]) if i == 0 else cell.rjust(width[i]) for i, cell in enumerate(row)))
     print()
-    for stage, rate in rates.items():
-        print(f"train tokens/s ({stage}): {rate:,.0f}")
+    for stage, (rate, unit) in rates.items():
+        print(f"train {unit} ({stage}): {rate:,.0f}")
     print(f"eval generated tokens/s: {report['generated_tokens_per_s']:,.0f}")
     print(f"wall time: {(time.time() - args.started) / 60:.1f} min")
     print(f"sample (held-out image {heldout['image']}): Q: {question!r} -> {answer!r} (reference {reference!r})")
