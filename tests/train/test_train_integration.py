@@ -106,13 +106,21 @@ def test_resume_reproduces_uninterrupted_run(world, full_run):
     assert (world / "run_split" / "model" / "model.safetensors").exists()
 
 
-def test_two_processes_match_one_process(world):
-    # Same global batch (8): 1 process x 2 micro-batches of 4  vs  2 processes x 1 micro-batch of 4.
-    one = write_recipe(world, "one", tiny_recipe(world, "run_one", steps=2, grad_accum=2, save_every=0))
-    two = write_recipe(world, "two", tiny_recipe(world, "run_two", steps=2, grad_accum=1, save_every=0))
-    mllm("train", str(one))
-    mllm("train", str(two), nproc=2)
-    single, double = losses(world / "run_one"), losses(world / "run_two")
+@pytest.fixture(scope="module")
+def single_process_run(world) -> Path:
+    """1 process x 2 micro-batches of 4 (global batch 8), ZeRO-0."""
+    mllm("train", str(write_recipe(world, "one", tiny_recipe(world, "run_one", steps=2, grad_accum=2,
+                                                              save_every=0))))
+    return world / "run_one"
+
+
+@pytest.mark.parametrize("zero", [0, 3])
+def test_two_processes_match_one_process(world, single_process_run, zero):
+    # Same global batch (8): 2 processes x 1 micro-batch of 4, ZeRO-0 or ZeRO-3 (parameters partitioned).
+    recipe = tiny_recipe(world, f"run_two_z{zero}", steps=2, grad_accum=1, save_every=0)
+    recipe["run"]["deepspeed"] = str(Path(__file__).parents[2] / "configs" / "deepspeed" / f"zero{zero}.json")
+    mllm("train", str(write_recipe(world, f"two_z{zero}", recipe)), nproc=2)
+    single, double = losses(single_process_run), losses(world / f"run_two_z{zero}")
     assert single[1] == pytest.approx(double[1], rel=1e-6, abs=1e-6)
     # The step-2 loss also agrees, so the optimizer step (gradient averaging) matched too.
     assert single[2] == pytest.approx(double[2], rel=1e-5, abs=1e-5)
