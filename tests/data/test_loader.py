@@ -1,0 +1,124 @@
+"""StageLoader / MixtureStream: deterministic order, exact resume, rank slices, rejection counting."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from mllm.data.loader import DataQualityError, MixtureStream, StageLoader
+from mllm.data.sources import CorruptImageError, Record
+from mllm.processing import SampleTooLongError
+
+
+class ListSource:
+    def __init__(self, name: str, n: int):
+        self.name, self.records = name, [Record(f"{name}-{i}", b"", {"i": i}) for i in range(n)]
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, i):
+        return self.records[i]
+
+
+def encode(record: Record) -> dict:
+    if record.key.endswith("-bad"):
+        raise CorruptImageError(f"{record.key}: unreadable")
+    return {"key": record.key}
+
+
+def collate(samples):
+    return [s["key"] for s in samples]
+
+
+def make_loader(stream, **kw):
+    args = dict(micro_batch_size=2, grad_accum=2, world_size=1, rank=0)
+    args.update(kw)
+    return StageLoader(stream, encode, collate, **args)
+
+
+def test_epoch_is_a_permutation_and_seed_dependent():
+    stream = MixtureStream([ListSource("a", 10)], [1.0], seed=0)
+    epoch0 = [stream[i].key for i in range(10)]
+    assert sorted(epoch0) == sorted(f"a-{i}" for i in range(10))
+    assert [stream[i].key for i in range(10, 20)] != epoch0  # reshuffled each epoch
+    other = MixtureStream([ListSource("a", 10)], [1.0], seed=1)
+    assert [other[i].key for i in range(10)] != epoch0
+    assert [MixtureStream([ListSource("a", 10)], [1.0], seed=0)[i].key for i in range(10)] == epoch0
+
+
+def test_mixture_weights_set_the_share_of_each_source():
+    stream = MixtureStream([ListSource("a", 100), ListSource("b", 100)], [3.0, 1.0], seed=0)
+    counts = Counter(stream[i].key.split("-")[0] for i in range(stream.epoch_len))
+    assert counts == {"a": 150, "b": 50}
+
+
+def test_resume_from_state_continues_the_same_sequence():
+    stream = MixtureStream([ListSource("a", 7), ListSource("b", 5)], [1.0, 1.0], seed=3)
+    full = make_loader(stream)
+    reference = [full.next_step() for _ in range(6)]
+    first = make_loader(stream)
+    for _ in range(2):
+        first.next_step()
+    resumed = make_loader(stream)
+    resumed.load_state_dict(first.state_dict())
+    assert [resumed.next_step() for _ in range(4)] == reference[2:]
+
+
+def test_ranks_split_the_global_batch_without_overlap():
+    stream = MixtureStream([ListSource("a", 64)], [1.0], seed=0)
+    single = make_loader(stream, micro_batch_size=2, grad_accum=2, world_size=1)
+    ranks = [make_loader(stream, micro_batch_size=2, grad_accum=1, world_size=2, rank=r) for r in range(2)]
+    for _ in range(3):
+        want = sorted(k for batch in single.next_step() for k in batch)
+        got = sorted(k for loader in ranks for batch in loader.next_step() for k in batch)
+        assert got == want
+
+
+def test_bad_samples_are_skipped_counted_and_abort_past_the_limit():
+    source = ListSource("a", 20)
+    for i in (3, 11):
+        source.records[i] = Record("a-bad", b"", {})
+    stream = MixtureStream([source], [1.0], seed=0)
+    loader = make_loader(stream, micro_batch_size=4, grad_accum=1, max_bad_fraction=0.5, min_samples_before_abort=1)
+    keys = [k for _ in range(5) for batch in loader.next_step() for k in batch]
+    assert len(keys) == 18 and "a-bad" not in keys
+    assert loader.rejected == {"CorruptImageError": 2}
+    assert loader.quality_problem() is None
+    strict = make_loader(stream, micro_batch_size=4, grad_accum=1, max_bad_fraction=0.01, min_samples_before_abort=1)
+    for _ in range(5):
+        strict.next_step()
+    assert "CorruptImageError: 2" in strict.quality_problem()
+
+
+def test_all_rejected_micro_batch_becomes_a_zero_target_sample():
+    # Every rank must still run a forward/backward for each micro-batch (ZeRO-3 gathers inside them),
+    # so an all-rejected micro-batch is replaced by a copy of a good sample without targets.
+    def encode_lm(record):
+        if record.meta["i"] != 0:
+            raise SampleTooLongError(f"{record.key}: too long")
+        return {"input_ids": [1, 2, 3], "labels": [1, 2, 3]}
+
+    seed = next(s for s in range(100) if MixtureStream([ListSource("a", 4)], [1.0], seed=s)[0].meta["i"] == 0)
+    stream = MixtureStream([ListSource("a", 4)], [1.0], seed=seed)
+    loader = StageLoader(stream, encode_lm, lambda s: s, micro_batch_size=1, grad_accum=4)
+    batches = loader.next_step()
+    assert batches[0] == [{"input_ids": [1, 2, 3], "labels": [1, 2, 3]}]
+    assert batches[1:] == [[{"input_ids": [1, 2, 3], "labels": [-100, -100, -100]}]] * 3
+    assert loader.rejected == {"SampleTooLongError": 3}
+
+
+def test_first_micro_batch_without_any_usable_sample_is_an_error():
+    def reject(record):
+        raise SampleTooLongError(f"{record.key}: too long")
+
+    loader = StageLoader(MixtureStream([ListSource("a", 4)], [1.0], seed=0), reject, lambda s: s,
+                         micro_batch_size=2, grad_accum=1)
+    with pytest.raises(DataQualityError, match="no usable sample"):
+        loader.next_step()
+
+
+def test_empty_source_is_rejected():
+    with pytest.raises(ValueError, match="empty"):
+        MixtureStream([ListSource("a", 0)], [1.0], seed=0)
