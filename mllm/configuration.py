@@ -67,6 +67,8 @@ class MLLMConfig(PreTrainedConfig):
     # {"mode": causal|mma|mma_aki, "backend": auto|triton|flex|sdpa|reference, "assistant_token_id": int}.
     # None = the backbone's own attention (plain causal), exactly the dense LLaVA model.
     attention: dict | None = None
+    # Modality-aware MoE in the decoder (mllm.sparse.MoESpec as a dict); None = dense FFNs.
+    moe: dict | None = None
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -77,6 +79,10 @@ class MLLMConfig(PreTrainedConfig):
         if self.attention is not None and self.attention.get("mode", "causal") != "causal" \
                 and self.attention.get("assistant_token_id") is None:
             raise ValueError("attention.mode mma needs attention.assistant_token_id (the assistant-turn header)")
+        if self.moe is not None:
+            from mllm.sparse.config import MoESpec
+
+            MoESpec.from_config(self.moe)  # a bad section fails here, naming the key
 
     @property
     def uses_interval_attention(self) -> bool:

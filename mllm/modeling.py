@@ -31,6 +31,7 @@ class MLLMOutput(ModelOutput):
     cache: Cache | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
     image_features: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None  # MoE balance + z losses (weighted), training only
 
 
 class MLLMPreTrainedModel(PreTrainedModel):
@@ -44,6 +45,9 @@ class MLLMPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
     _skip_keys_device_placement = ["cache"]
+    # ZeRO-3 gathers a leaf module's parameters on entry instead of hooking its children: ranks that route
+    # tokens to different experts would otherwise wait for different parameters and hang.
+    zero3_leaf_modules = ("MoEBlock",)
 
 
 class MLLMModel(MLLMPreTrainedModel):
@@ -65,6 +69,10 @@ class MLLMModel(MLLMPreTrainedModel):
             self.language_model = AutoModel.from_config(config.text_config, attn_implementation=IMPLEMENTATION)
         else:
             self.language_model = AutoModel.from_config(config.text_config)
+        if config.moe is not None:
+            from mllm.sparse.upcycle import build_moe_layers
+
+            build_moe_layers(self.language_model, config.moe, getattr(config.text_config, "initializer_range", 0.02))
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
@@ -127,6 +135,8 @@ class MLLMModel(MLLMPreTrainedModel):
             if bool((input_ids == self.config.image_token_id).any()):
                 raise ValueError("input_ids contain image tokens but no pixel_values were given")
         prefill = cache is None or cache.get_seq_length() == 0
+        if self.config.moe is not None:
+            self.set_routing_context(input_ids, modality_ids, attention_mask, inputs_embeds)
         if self.config.uses_interval_attention and prefill:
             kwargs.update(self.attention_layout_kwargs(input_ids, attention_mask, modality_ids))
         outputs = self.language_model(
@@ -139,6 +149,36 @@ class MLLMModel(MLLMPreTrainedModel):
         )
         return outputs, image_features
 
+    def routed_modules(self) -> list[nn.Module]:
+        return [m for m in self.language_model.modules() if hasattr(m, "routing_context")]
+
+    def set_routing_context(self, input_ids, modality_ids, attention_mask, inputs_embeds) -> None:
+        """Tell the MoE / MoT modules each token's modality. Image positions are exactly the image
+        tokens, so input_ids decide (this also covers cached decoding, where only new text tokens come)."""
+        from mllm.sparse.routing import RoutingContext, set_routing_context
+
+        batch, seq = inputs_embeds.shape[:2]
+        if input_ids is not None:
+            modality = (input_ids == self.config.image_token_id).long()
+        elif modality_ids is not None and modality_ids.shape == (batch, seq):
+            modality = modality_ids.long()
+        else:
+            modality = torch.zeros(batch, seq, dtype=torch.long, device=inputs_embeds.device)
+        if attention_mask is not None and attention_mask.dim() == 2:
+            valid = attention_mask[:, -seq:].bool()
+        else:
+            valid = torch.ones(batch, seq, dtype=torch.bool, device=inputs_embeds.device)
+        set_routing_context(self.routed_modules(), RoutingContext(modality, valid))
+
+    def routing_aux_loss(self) -> torch.Tensor | None:
+        """Sum of the MoE layers' weighted auxiliary losses from the last training forward (then cleared)."""
+        total = None
+        for module in self.language_model.modules():
+            loss = getattr(module, "aux_loss", None)
+            if isinstance(loss, torch.Tensor):
+                total = loss if total is None else total + loss
+                module.aux_loss = None
+        return total
 
     def attention_layout_kwargs(self, input_ids, attention_mask, modality_ids) -> dict:
         """The per-batch key windows every layer's attention reads (computed once, at prefill)."""
@@ -207,16 +247,20 @@ class MLLMForConditionalGeneration(MLLMPreTrainedModel, GenerationMixin):
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         logits = self.lm_head(hidden)  # [B, T, V]
+        aux_loss = self.model.routing_aux_loss() if self.config.moe is not None and self.training else None
         loss = None
         if labels is not None:
             total, count = causal_lm_loss_sum(logits, labels)
             loss = total / count.clamp(min=1)
+            if aux_loss is not None:
+                loss = loss + aux_loss
         return MLLMOutput(
             loss=loss,
             logits=logits,
             cache=getattr(outputs, "cache", None),
             hidden_states=outputs.hidden_states,
             image_features=image_features,
+            aux_loss=aux_loss,
         )
 
 
