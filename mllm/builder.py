@@ -19,6 +19,7 @@ from mllm.configuration import MLLMConfig, OpenCLIPVisionConfig
 from mllm.modeling import MLLMForConditionalGeneration
 from mllm.processing import MLLMProcessor
 from mllm.schema import ConfigError
+from mllm.sparse.config import MoESpec
 from mllm.tokenizer import IMAGE_TOKEN, ensure_special_tokens, load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -85,6 +86,7 @@ class ModelSpec:
     text: TextSpec = field(default_factory=lambda: TextSpec(config={"model_type": "llama"}))
     tokenizer: str | None = None  # hub id / path; defaults to text.name
     attention: AttentionSpec = field(default_factory=AttentionSpec)
+    moe: MoESpec | None = None  # an MoE model from scratch; a stage's `upcycle:` converts a trained one
 
 
 def vision_config_from_spec(spec: VisionSpec) -> PreTrainedConfig:
@@ -167,6 +169,7 @@ def build_model_and_processor(spec: ModelSpec, dtype: torch.dtype = torch.float3
         projector_depth=spec.projector.depth,
         multimodal_projector_bias=spec.projector.bias,
         attention=attention_config(spec.attention, tokenizer),
+        moe=spec.moe.to_config() if spec.moe is not None else None,
     )
     model = MLLMForConditionalGeneration(config)
     if isinstance(vision_config, OpenCLIPVisionConfig):

@@ -12,6 +12,7 @@ from typing import Literal
 
 from mllm.builder import ModelSpec
 from mllm.schema import ConfigError, apply_overrides, from_dict, load_yaml
+from mllm.sparse.config import UpcycleSpec
 
 
 
@@ -61,6 +62,9 @@ class StageSpec:
     save_every: int = 0  # 0: only at the end of the stage
     deepspeed: str | None = None  # overrides the run's preset for this stage
     contrastive: ContrastiveSpec = field(default_factory=ContrastiveSpec)
+    # Transformation applied to the model when the stage starts (after loading the previous stage's
+    # weights): `upcycle` turns the dense FFNs into MoE blocks whose experts copy them.
+    upcycle: UpcycleSpec | None = None
 
     def validate(self):
         if not self.data:
@@ -113,6 +117,11 @@ class RunConfig:
         names = [s.name for s in self.stages]
         if len(set(names)) != len(names):
             raise ConfigError(f"stage names must be unique, got {names}")
+        upcycled = [s.name for s in self.stages if s.upcycle is not None]
+        if self.model.moe is not None and upcycled:
+            raise ConfigError(f"model.moe already builds MoE layers; stage(s) {upcycled} cannot upcycle them")
+        if len(upcycled) > 1:
+            raise ConfigError(f"only one stage can upcycle the model, got {upcycled}")
 
 
 def load_run_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:

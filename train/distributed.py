@@ -70,6 +70,21 @@ def all_reduce(value: float, op: str = "sum") -> float:
     return float(tensor.item())
 
 
+def all_reduce_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum a (small) tensor over ranks; returns a CPU float64 copy."""
+    out = tensor.detach().double().cpu()
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return out
+    if dist.get_backend() == "nccl":
+        out = out.cuda()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out.cpu()
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
 def barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()

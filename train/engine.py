@@ -53,9 +53,20 @@ def build_engine(module, groups: list[dict], stage, cfg, info, lr_fn):
         betas=tuple(stage.betas),
     )
     scheduler = LambdaLR(optimizer, lr_fn)
+    if ds_config.get("zero_optimization", {}).get("stage", 0) == 3:
+        declare_zero3_leaf_modules(module)
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config)
     return engine
+
+
+def declare_zero3_leaf_modules(module) -> list:
+    """Mark the module classes the model declares (`zero3_leaf_modules`, e.g. MoE blocks) as ZeRO-3 leaves:
+    their parameters are gathered on entry, whichever experts this rank's tokens reach."""
+    from deepspeed.utils import set_z3_leaf_modules
+
+    names = list(getattr(module, "zero3_leaf_modules", ()))
+    return set_z3_leaf_modules(module, names, raise_if_not_found=False) if names else []
 
 
 def gathered_state_dict(engine, objective) -> dict:

@@ -65,3 +65,32 @@ def plot_losses(metrics_path: Path, out_png: Path) -> Path | None:
     fig.savefig(out_png, dpi=100)
     plt.close(fig)
     return Path(out_png)
+
+
+def plot_expert_load(summary: dict, out_png: Path, title: str = "expert load") -> Path:
+    """Heatmap per modality: rows = MoE layers, columns = experts, cell = fraction of that modality's
+    token assignments in the layer (a balanced group of E experts shows 1/E everywhere)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    load = np.array(summary["expert_load"])  # [L, 2, E]
+    layers = summary["layers"]
+    fig, axes = plt.subplots(1, 2, figsize=(2 + 0.6 * load.shape[2] * 2, 1 + 0.45 * len(layers)), squeeze=False)
+    for m, (ax, modality) in enumerate(zip(axes[0], ("text tokens", "image tokens"))):
+        image = ax.imshow(load[:, m], vmin=0, vmax=max(1e-9, load.max()), cmap="viridis", aspect="auto")
+        for (i, j), value in np.ndenumerate(load[:, m]):
+            ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7,
+                    color="white" if value < 0.6 * load.max() else "black")
+        ax.set_xticks(range(load.shape[2]))
+        ax.set_yticks(range(len(layers)))
+        ax.set_yticklabels([name.split("language_model.")[-1].replace(".mlp", "") for name in layers], fontsize=7)
+        ax.set_xlabel("expert")
+        ax.set_title(modality)
+    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8)
+    fig.suptitle(title)
+    fig.savefig(out_png, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return Path(out_png)

@@ -18,6 +18,9 @@ from torch import nn
 from mllm.data.sources import decode_image
 from mllm.modeling import MLLMForConditionalGeneration, causal_lm_loss_sum
 from mllm.processing import MLLMProcessor, SampleTooLongError, llava_to_messages, pad_rows
+from mllm.sparse.config import MoESpec
+from mllm.sparse.moe import load_summary, moe_blocks, routing_counts
+from mllm.train.distributed import all_reduce, all_reduce_tensor, world_size
 
 
 class LMObjective:
@@ -26,6 +29,8 @@ class LMObjective:
     def __init__(self, model: MLLMForConditionalGeneration, processor: MLLMProcessor, max_length: int, stage=None):
         self.model, self.processor, self.max_length = model, processor, max_length
         self.module: nn.Module = model
+        self._aux_sums: dict[str, float] = {}
+        self._aux_batches = 0
 
     def encode(self, record) -> dict:
         images = [decode_image(record)] if record.image_bytes is not None else []
@@ -49,11 +54,32 @@ class LMObjective:
     def count(batch: dict) -> int:
         return int((batch["labels"][:, 1:] != -100).sum())
 
-    def loss(self, engine, batch: dict) -> torch.Tensor:
+    def loss(self, engine, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(summed target-token loss, the MoE auxiliary loss of this micro-batch or None)."""
         labels = batch.pop("labels")
         out = engine(**batch)
         total, _ = causal_lm_loss_sum(out.logits, labels)
-        return total
+        if out.aux_loss is not None:  # accumulate the layer-mean of each unweighted term for logging
+            blocks = moe_blocks(self.model)
+            for _, block in blocks:
+                for key, value in block.aux_terms.items():
+                    self._aux_sums[key] = self._aux_sums.get(key, 0.0) + value / len(blocks)
+            self._aux_batches += 1
+        return total, out.aux_loss
+
+    def metrics(self) -> dict:
+        """MoE metrics since the last call, reduced over ranks (every rank must call this)."""
+        counts = routing_counts(self.model)
+        if counts is None:
+            return {}
+        counts = {key: all_reduce_tensor(value) for key, value in counts.items()}
+        out = {f"moe_{key}": all_reduce(float(value) / max(1, self._aux_batches)) / world_size()
+               for key, value in sorted(self._aux_sums.items())}
+        self._aux_sums, self._aux_batches = {}, 0
+        summary = load_summary(counts, MoESpec.from_config(self.model.config.moe),
+                               [name for name, _ in moe_blocks(self.model)])
+        out.update({f"moe_{key}": value for key, value in summary.items() if key != "layers"})
+        return out
 
     def tokens(self, batch: dict) -> int:
         return int(batch["attention_mask"].sum())
@@ -113,7 +139,10 @@ class ContrastiveObjective:
     def loss(self, engine, batch: dict) -> torch.Tensor:
         image_features, text_features, logit_scale = engine(batch["pixel_values"], batch["text"])[:3]
         # ClipLoss averages over the micro-batch; the trainer wants a sum over counted samples.
-        return self.clip_loss(image_features, text_features, logit_scale) * batch["weight"].sum()
+        return self.clip_loss(image_features, text_features, logit_scale) * batch["weight"].sum(), None
+
+    def metrics(self) -> dict:
+        return {}
 
     def tokens(self, batch: dict) -> int:
         return int(batch["pixel_values"].shape[0])

@@ -23,7 +23,9 @@ from mllm.schema import dump_yaml
 from mllm.train import checkpoint as ckpt
 from mllm.train.config import RunConfig, StageSpec
 from mllm.train.distributed import DistInfo, all_reduce, barrier, init_distributed
-from mllm.train.metrics import MetricsLogger, plot_losses
+from mllm.sparse.config import MoESpec
+from mllm.sparse.moe import load_summary, moe_blocks, routing_counts
+from mllm.train.metrics import MetricsLogger, plot_expert_load, plot_losses
 from mllm.train.objectives import build_objective
 from mllm.train.engine import build_engine, gathered_state_dict
 from mllm.train.parameters import apply_trainable, param_table
@@ -86,10 +88,36 @@ def run_recipe(cfg: RunConfig, max_steps: int | None = None) -> Path | None:
     return out / "model"
 
 
+def build_stage_model(cfg: RunConfig, index: int, init_from: Path | None):
+    """The model as stage `index` trains it (index = len(stages): the final model).
+
+    Earlier stages' transformations (e.g. upcycle) are applied for their structure only, since their
+    weights come from `init_from`; this stage's transformation is applied to the loaded weights."""
+    model, processor = build_model_and_processor(cfg.model)
+    for earlier in cfg.stages[:index]:
+        apply_transformations(model, earlier, cfg.run.seed)
+    if init_from is not None:
+        ckpt.load_weights(model, init_from)
+    if index < len(cfg.stages):
+        layers = apply_transformations(model, cfg.stages[index], cfg.run.seed + index)
+        if layers:
+            logger.info("stage %s: upcycled the FFNs of decoder layers %s into MoE blocks", cfg.stages[index].name,
+                        layers)
+    return model, processor
+
+
+def apply_transformations(model, stage: StageSpec, seed: int) -> list[int]:
+    """A stage's declared model transformations (today: `upcycle`); returns the converted layers."""
+    if stage.upcycle is None:
+        return []
+    from mllm.sparse import upcycle
+
+    return upcycle(model, stage.upcycle, seed=seed)
+
+
 def save_model_folder(cfg: RunConfig, weights: Path, folder: Path) -> None:
     """The trained model in transformers layout (config + safetensors + processor) for eval / export."""
-    model, processor = build_model_and_processor(cfg.model)
-    ckpt.load_weights(model, weights)
+    model, processor = build_stage_model(cfg, len(cfg.stages), weights)
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
 
@@ -99,8 +127,14 @@ def evaluate_run(cfg: RunConfig, out: Path) -> None:
     from mllm.train.evaluate import evaluate, format_report, load_for_inference
 
     model, processor = load_for_inference(out / "model")
+    routing_counts(model)  # start the expert-load counters at zero
     report = evaluate(model, processor, cfg.eval.source.path, max_samples=cfg.eval.max_samples,
                       batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens)
+    counts = routing_counts(model)
+    if counts is not None:  # the held-out questions' expert load (prompts and generated tokens)
+        report["moe"] = load_summary(counts, MoESpec.from_config(model.config.moe),
+                                     [name for name, _ in moe_blocks(model)])
+        plot_expert_load(report["moe"], out / "expert_load.png", "held-out expert load")
     (out / "eval.json").write_text(json.dumps(report, indent=2))
     logger.info("held-out evaluation (%s):\n%s", cfg.eval.source.path, format_report(report))
 
@@ -111,9 +145,7 @@ def train_stage(cfg: RunConfig, index: int, init_from: Path | None, info: DistIn
     stage = cfg.stages[index]
     folder = stage_dir(cfg, index)
     torch.manual_seed(cfg.run.seed + index)
-    model, processor = build_model_and_processor(cfg.model)
-    if init_from is not None:
-        ckpt.load_weights(model, init_from)
+    model, processor = build_stage_model(cfg, index, init_from)
     objective = build_objective(stage.objective, model, processor, cfg.data.max_length, stage)
     groups = apply_trainable(objective.module, stage)
     if info.is_main:
@@ -143,6 +175,7 @@ def train_stage(cfg: RunConfig, index: int, init_from: Path | None, info: DistIn
             progress.update(1)
             progress.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
         if step % cfg.run.log_every == 0 or step == last_step:
+            record.update(objective.metrics())  # collective on every rank (MoE load and losses)
             metrics.log(record, global_step=step)
         if stage.save_every and step % stage.save_every == 0 and step < last_step:
             ckpt.save_checkpoint(engine, folder / "checkpoints", step, {"step": step, "data": loader.state_dict()}, info)
@@ -175,13 +208,16 @@ def train_step(engine, objective, loader: StageLoader) -> tuple[float, int]:
     total, tokens = 0.0, 0
     for batch in micro_batches:
         tokens += objective.tokens(batch)
-        loss_sum = objective.loss(engine, batch)
-        if all_reduce(0.0 if torch.isfinite(loss_sum).item() else 1.0, "max") > 0:
+        loss_sum, aux_loss = objective.loss(engine, batch)
+        finite = bool(torch.isfinite(loss_sum)) and (aux_loss is None or bool(torch.isfinite(aux_loss)))
+        if all_reduce(0.0 if finite else 1.0, "max") > 0:
             raise NonFiniteLossError(
                 f"non-finite loss at sample position {loader.position}; the optimizer step was not taken. "
                 "Lower the learning rate or check the data; resume from the last checkpoint."
             )
-        engine.backward(loss_sum * scale)
+        # Auxiliary losses (MoE balance / z) are per-micro-batch means: DeepSpeed's 1/grad_accum and the
+        # rank average turn them into the mean over the global batch.
+        engine.backward(loss_sum * scale if aux_loss is None else loss_sum * scale + aux_loss)
         engine.step()
         total += float(loss_sum.detach())
     return all_reduce(total) / global_count, tokens

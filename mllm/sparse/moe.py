@@ -215,3 +215,41 @@ def apply_moe(language_model: nn.Module, spec: MoESpec, init: str = "copy", nois
 
 def moe_blocks(model: nn.Module) -> list[tuple[str, MoEBlock]]:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, MoEBlock)]
+
+
+def routing_counts(model: nn.Module) -> dict[str, torch.Tensor] | None:
+    """The MoE layers' accumulated counts since the last call, stacked over layers, then reset:
+    `load` [L, 2, E] (assignments per modality and expert), `requested` [L, 2], `dropped` [L, 2]."""
+    blocks = moe_blocks(model)
+    if not blocks:
+        return None
+    for _, block in blocks:
+        if block.stats is None:
+            block.reset_stats()
+    counts = {key: torch.stack([block.stats[key] for _, block in blocks]) for key in ("load", "requested", "dropped")}
+    for _, block in blocks:
+        block.reset_stats()
+    return counts
+
+
+def load_summary(counts: dict[str, torch.Tensor], spec: MoESpec, layer_names: list[str]) -> dict:
+    """Per-layer expert load as fractions of each modality's assignments, plus the max/mean load ratio
+    (1.0 = perfectly balanced; E_group = everything on one expert) and the dropped-assignment rate."""
+    load = counts["load"].double().cpu()  # [L, 2, E]
+    fractions = load / load.sum(-1, keepdim=True).clamp_min(1)
+    summary: dict = {"layers": layer_names, "expert_load": fractions.tolist()}
+    sizes = spec.group_sizes
+    ratios = []
+    for m, name in enumerate(("text", "image")):
+        if load[:, m].sum() == 0:
+            continue
+        group_size = sizes[m] if spec.modality_aware else sizes[0]
+        ratio = fractions[:, m].max(-1).values * group_size  # max / mean over the group's experts
+        ratios.append(ratio)
+        summary[f"max_load_{name}"] = float(ratio.max())
+        summary[f"mean_max_load_{name}"] = float(ratio.mean())
+    if ratios:
+        summary["max_load"] = float(torch.cat(ratios).max())
+    requested = counts["requested"].double().sum()
+    summary["dropped_rate"] = float(counts["dropped"].double().sum() / requested.clamp_min(1))
+    return summary
