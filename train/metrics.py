@@ -90,7 +90,7 @@ def plot_expert_load(summary: dict, out_png: Path, title: str = "expert load") -
         ax.set_xlabel("expert")
         ax.set_title(modality)
     fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8)
-    fig.suptitle(title)
+    fig.suptitle(title, y=1.04)
     fig.savefig(out_png, dpi=100, bbox_inches="tight")
     plt.close(fig)
     return Path(out_png)

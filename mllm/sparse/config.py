@@ -42,6 +42,11 @@ class MoESpec:
     router_noise: float = 0.0  # training: add N(0, std^2) to router logits
     implementation: Literal["auto", "grouped_mm", "loop"] = "auto"  # dropless expert compute
     mot: bool = False  # Mixture-of-Transformers: per-modality q/k/v/o projections and norms too
+    # BAM: upcycle attention too, into this many attention experts (0 = off) mixed by a per-token router:
+    # soft over all experts (attention_top_k null) or renormalised top-k; share_kv keeps one K/V projection.
+    attention_experts: int = 0
+    attention_top_k: int | None = None
+    share_kv: bool = True
 
     def validate(self):
         if self.modality_aware:
@@ -64,6 +69,12 @@ class MoESpec:
             raise ConfigError(f"capacity_factor must be > 0, got {self.capacity_factor}")
         if self.shared_experts < 0:
             raise ConfigError(f"shared_experts must be >= 0, got {self.shared_experts}")
+        if self.attention_experts < 0 or self.attention_experts == 1:
+            raise ConfigError(f"attention_experts must be 0 (off) or >= 2, got {self.attention_experts}")
+        if self.attention_experts and self.mot:
+            raise ConfigError("mot and attention_experts both replace the attention projections; choose one")
+        if self.attention_top_k is not None and not 1 <= self.attention_top_k <= max(1, self.attention_experts):
+            raise ConfigError(f"attention_top_k must be in [1, attention_experts], got {self.attention_top_k}")
         if isinstance(self.layers, list) and not self.layers:
             raise ConfigError("layers is an empty list; use 'all', 'every_other' or layer indices")
 
