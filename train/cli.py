@@ -92,7 +92,7 @@ def cmd_train(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    from mllm.train.evaluate import evaluate, format_report, load_for_inference
+    from mllm.train.evaluate import evaluate, format_report, load_for_inference, write_expert_load_plot
 
     model, processor = load_for_inference(args.model)
     report = evaluate(model, processor, args.data, max_samples=args.max_samples, batch_size=args.batch_size,
@@ -100,6 +100,9 @@ def cmd_eval(args) -> None:
     print(format_report(report))
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2))
+        plot = write_expert_load_plot(report, Path(args.out).with_name("expert_load.png"))
+        if plot is not None:
+            print(f"expert load heatmap: {plot}")
 
 
 def cmd_generate(args) -> None:

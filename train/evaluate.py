@@ -16,6 +16,8 @@ from mllm.builder import set_generation_defaults
 from mllm.data.sources import decode_image, open_source
 from mllm.modeling import MLLMForConditionalGeneration
 from mllm.processing import MLLMProcessor, llava_to_messages
+from mllm.sparse.config import MoESpec
+from mllm.sparse.moe import load_summary, moe_blocks, routing_counts
 
 
 def load_for_inference(folder: str):
@@ -78,6 +80,7 @@ def evaluate(model, processor: MLLMProcessor, data: str, max_samples: int = 500,
     examples = []
     started, generated = time.perf_counter(), 0
     model.eval()
+    routing_counts(model)  # MoE models: count expert load from zero
     for start in range(0, len(items), batch_size):
         chunk = items[start:start + batch_size]
         outputs = generate_batch(model, processor, [c[0] for c in chunk], [c[1] for c in chunk], max_new_tokens)
@@ -94,10 +97,24 @@ def evaluate(model, processor: MLLMProcessor, data: str, max_samples: int = 500,
                     # Chance: a uniform guess among this type's answers in the evaluated data.
                     "chance": 1 / len(answers_by_type[t])} for t in sorted(total)}
     n = sum(total.values())
-    return {"accuracy": sum(correct.values()) / n, "n": n,
-            "chance": sum(per_type[t]["chance"] * total[t] for t in total) / n,
-            "per_type": per_type, "examples": examples,
-            "seconds": elapsed, "generated_tokens_per_s": generated / elapsed}
+    report = {"accuracy": sum(correct.values()) / n, "n": n,
+              "chance": sum(per_type[t]["chance"] * total[t] for t in total) / n,
+              "per_type": per_type, "examples": examples,
+              "seconds": elapsed, "generated_tokens_per_s": generated / elapsed}
+    counts = routing_counts(model)
+    if counts is not None:  # the questions' expert load (prompt and generated tokens), per layer and modality
+        report["moe"] = load_summary(counts, MoESpec.from_config(model.config.moe),
+                                     [name for name, _ in moe_blocks(model)])
+    return report
+
+
+def write_expert_load_plot(report: dict, path: Path) -> Path | None:
+    """`expert_load.png` for an MoE model's report (a heatmap per modality); None for dense models."""
+    if "moe" not in report:
+        return None
+    from mllm.train.metrics import plot_expert_load
+
+    return plot_expert_load(report["moe"], path, "held-out expert load")
 
 
 def format_report(report: dict) -> str:

@@ -23,9 +23,7 @@ from mllm.schema import dump_yaml
 from mllm.train import checkpoint as ckpt
 from mllm.train.config import RunConfig, StageSpec
 from mllm.train.distributed import DistInfo, all_reduce, barrier, init_distributed
-from mllm.sparse.config import MoESpec
-from mllm.sparse.moe import load_summary, moe_blocks, routing_counts
-from mllm.train.metrics import MetricsLogger, plot_expert_load, plot_losses
+from mllm.train.metrics import MetricsLogger, plot_losses
 from mllm.train.objectives import build_objective
 from mllm.train.engine import build_engine, gathered_state_dict
 from mllm.train.parameters import apply_trainable, param_table
@@ -124,17 +122,12 @@ def save_model_folder(cfg: RunConfig, weights: Path, folder: Path) -> None:
 
 def evaluate_run(cfg: RunConfig, out: Path) -> None:
     """Held-out exact match of the trained model (the recipe's `eval:` section) -> `<run>/eval.json`."""
-    from mllm.train.evaluate import evaluate, format_report, load_for_inference
+    from mllm.train.evaluate import evaluate, format_report, load_for_inference, write_expert_load_plot
 
     model, processor = load_for_inference(out / "model")
-    routing_counts(model)  # start the expert-load counters at zero
     report = evaluate(model, processor, cfg.eval.source.path, max_samples=cfg.eval.max_samples,
                       batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens)
-    counts = routing_counts(model)
-    if counts is not None:  # the held-out questions' expert load (prompts and generated tokens)
-        report["moe"] = load_summary(counts, MoESpec.from_config(model.config.moe),
-                                     [name for name, _ in moe_blocks(model)])
-        plot_expert_load(report["moe"], out / "expert_load.png", "held-out expert load")
+    write_expert_load_plot(report, out / "expert_load.png")
     (out / "eval.json").write_text(json.dumps(report, indent=2))
     logger.info("held-out evaluation (%s):\n%s", cfg.eval.source.path, format_report(report))
 

@@ -64,6 +64,19 @@ def test_moe_stage_upcycles_trains_experts_and_reports_load(moe_run):
     assert (moe_run / "expert_load.png").stat().st_size > 1000
 
 
+def test_eval_command_reports_expert_load_of_an_moe_model(world, moe_run, tmp_path):
+    proc = mllm("eval", "--model", str(moe_run / "model"), "--data",
+                str(world / "data" / "wds" / "heldout-vqa-*.tar"), "--max-samples", "2", "--out",
+                str(tmp_path / "eval.json"))
+    report = json.loads((tmp_path / "eval.json").read_text())
+    load = report["moe"]["expert_load"]
+    assert len(load) == 2 and all(abs(sum(layer[1]) - 1) < 1e-6 for layer in load)
+    assert (tmp_path / "expert_load.png").exists() and "expert load heatmap" in proc.stdout
+    # Exporting as plain Llava is refused with a message naming the section (issue: standalone export).
+    proc = mllm("export", "--model", str(moe_run / "model"), "--out", str(tmp_path / "export"), check=False)
+    assert proc.returncode != 0 and "'moe' section" in proc.stderr and not (tmp_path / "export").exists()
+
+
 def test_resume_inside_the_moe_stage_reproduces_the_uninterrupted_run(world, moe_run):
     path = write_recipe(world, "moe_split", moe_recipe(world, "run_moe_split"))
     mllm("train", str(path), "--max-steps", "3")  # stage 0 (2 steps) finishes; the MoE stage stops at 3
