@@ -78,7 +78,13 @@ class StageLoader:
         self.position = 0
         self.seen = 0
         self.rejected: Counter[str] = Counter()
+        self.rejected_keys: dict[str, list[str]] = {}  # first few keys per reason, for the abort message
         self._fallback: dict | None = None
+        if rank == 0:  # what the sources skipped while opening (every rank opened them; count once)
+            for source in stream.sources:
+                for problem in getattr(source, "problems", []):
+                    self._reject(problem.reason, problem.key, problem.message)
+                    self.seen += 1
 
     @property
     def global_batch_size(self) -> int:
@@ -95,17 +101,21 @@ class StageLoader:
         return batches
 
     def _encode_at(self, position: int) -> dict | None:
-        record = self.stream[position]
+        record = None
         try:
+            record = self.stream[position]
             return self.encode(record)
         except (SampleError, CorruptImageError) as e:
-            self._reject(type(e).__name__, f"{e}")
+            self._reject(type(e).__name__, record.key if record is not None else f"position {position}", f"{e}")
             return None
 
-    def _reject(self, reason: str, message: str) -> None:
+    def _reject(self, reason: str, key: str, message: str) -> None:
         self.rejected[reason] += 1
+        keys = self.rejected_keys.setdefault(reason, [])
+        if len(keys) < 3:
+            keys.append(key)
         if sum(self.rejected.values()) <= MAX_LOGGED_REJECTIONS:
-            logger.warning("skipping sample: %s", message)
+            logger.warning("skipping %s: %s", key, message)
 
     def _collate_or_empty(self, samples: list[dict]) -> dict:
         if samples:
@@ -121,19 +131,23 @@ class StageLoader:
         """A message when this rank rejected too many samples (the trainer agrees across ranks)."""
         bad = sum(self.rejected.values())
         if self.seen >= self.min_samples and bad > self.max_bad_fraction * self.seen:
-            details = ", ".join(f"{k}: {v}" for k, v in sorted(self.rejected.items()))
+            worst = sorted(self.rejected.items(), key=lambda kv: (-kv[1], kv[0]))
+            details = ", ".join(f"{reason}: {n} (e.g. {', '.join(self.rejected_keys.get(reason, []))})"
+                                for reason, n in worst)
             return (
-                f"{bad} of {self.seen} samples were rejected ({details}), more than "
-                f"data.max_bad_fraction={self.max_bad_fraction}; fix the data or raise the limit"
+                f"{bad} of {self.seen} samples were rejected, more than data.max_bad_fraction="
+                f"{self.max_bad_fraction}; worst offenders: {details}. Fix the data or raise the limit"
             )
         return None
 
     def state_dict(self) -> dict:
-        return {"position": self.position, "seen": self.seen, "rejected": dict(self.rejected)}
+        return {"position": self.position, "seen": self.seen, "rejected": dict(self.rejected),
+                "rejected_keys": self.rejected_keys}
 
     def load_state_dict(self, state: dict) -> None:
         self.position, self.seen = int(state["position"]), int(state["seen"])
         self.rejected = Counter(state["rejected"])
+        self.rejected_keys = {k: list(v) for k, v in state.get("rejected_keys", {}).items()}
 
 
 def mask_targets(sample: dict) -> dict:

@@ -25,6 +25,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from mllm.processing import SampleError
+
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
 # Everything PIL raises for bytes that are not a readable image (truncated files raise OSError,
 # some broken headers SyntaxError, bad compressed streams zlib.error / struct.error).
@@ -37,6 +39,23 @@ class Record:
     image_bytes: bytes | None  # encoded file bytes; None for a text-only sample
     meta: dict
     source: str = ""  # name of the source it came from, for error messages
+
+
+class BadRecordError(SampleError):
+    """A record the reader cannot use (no/invalid meta, wrong JSON types, missing image file)."""
+
+
+class MissingImageError(BadRecordError):
+    pass
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """A record or shard a source skipped when it was opened; the loader counts it with its key."""
+
+    reason: str
+    key: str
+    message: str
 
 
 class CorruptImageError(ValueError):
@@ -62,10 +81,11 @@ def decode_image(record: Record) -> Image.Image:
 # --------------------------------------------------------------------------- webdataset
 
 
-def expand_shards(paths: str | os.PathLike | list) -> list[str]:
+def expand_shards(paths: str | os.PathLike | list, allow_missing: bool = False) -> list[str]:
     """Shard paths from a list, a glob (`train-*.tar`) or a brace pattern (`train-{000..009}.tar`).
 
-    Every path must exist: a pattern that matches nothing raises FileNotFoundError naming it.
+    A pattern that matches nothing raises FileNotFoundError naming it. Listed shards that do not exist
+    raise too, unless `allow_missing` (the source then skips and reports them) and at least one exists.
     """
     if isinstance(paths, (str, os.PathLike)):
         pattern = os.fspath(paths)
@@ -84,6 +104,8 @@ def expand_shards(paths: str | os.PathLike | list) -> list[str]:
         if not found:
             raise FileNotFoundError("WebDatasetSource got an empty list of shard paths")
     missing = [p for p in found if not os.path.isfile(p)]
+    if missing and allow_missing and len(missing) < len(found):
+        return found
     if missing:
         origin = f" (from pattern {pattern!r})" if pattern and missing != [pattern] else ""
         shown = ", ".join(repr(p) for p in missing[:3]) + (", ..." if len(missing) > 3 else "")
@@ -98,41 +120,78 @@ def _image_field(sample: dict) -> bytes | None:
     return None
 
 
-def _read_shard(shard: str, source_name: str) -> list[Record]:
-    """All records of one shard, in file order, via webdataset's tar reader (no decoding)."""
+def _read_shard(shard: str, source_name: str) -> tuple[list[Record], list[Rejection]]:
+    """The records of one shard in file order (no decoding), and what had to be skipped: samples with
+    missing or invalid meta, and the rest of a truncated / unreadable tar."""
     import webdataset as wds  # training-side dependency; the model library never imports it
 
+    if not os.path.isfile(shard):
+        return [], [Rejection("MissingShard", shard, f"webdataset shard {shard!r} not found")]
     # No node/worker splitting: every rank materialises the full list; samplers shard indices.
     dataset = wds.WebDataset([shard], shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False)
-    records = []
+    records, problems = [], []
     try:
         for sample in dataset:
-            records.append(_to_record(sample, shard, source_name))
-    except (tarfile.TarError, EOFError) as exc:
-        raise ValueError(f"webdataset shard {shard!r} is not a readable tar file: {exc}") from exc
-    return records
+            try:
+                records.append(_to_record(sample, shard, source_name))
+            except BadRecordError as exc:
+                problems.append(Rejection(type(exc).__name__, sample.get("__key__", "?"), str(exc)))
+    except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
+        problems.append(Rejection("TruncatedShard", shard, f"webdataset shard {shard!r} is not a readable tar file "
+                                  f"after {len(records)} record(s): {exc}"))
+        return records, problems
+    if not _ends_with_tar_trailer(shard):
+        # webdataset's stream reader stops quietly at a cut member; the missing end-of-archive blocks
+        # are how a partial copy (e.g. an interrupted upload) shows.
+        problems.append(Rejection("TruncatedShard", shard, f"webdataset shard {shard!r} is truncated (no end-of-"
+                                  f"archive blocks); kept the {len(records)} complete record(s) before the cut"))
+    return records, problems
+
+
+def _ends_with_tar_trailer(path: str) -> bool:
+    """A complete tar ends with two zero 512-byte blocks (writers pad further with zeros)."""
+    size = os.path.getsize(path)
+    if size < 1024 or size % 512:
+        return False
+    with open(path, "rb") as f:
+        f.seek(size - 1024)
+        return f.read(1024) == bytes(1024)
 
 
 def _to_record(sample: dict, shard: str, source_name: str) -> Record:
     key = sample["__key__"]
     if "json" not in sample:
         present = sorted(k for k in sample if not k.startswith("__"))
-        raise ValueError(f"webdataset shard {shard!r}: sample {key!r} has no .json meta (files: {present})")
+        raise BadRecordError(f"webdataset shard {shard!r}: sample {key!r} has no .json meta (files: {present})")
     try:
         meta = json.loads(sample["json"])
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"webdataset shard {shard!r}: sample {key!r} has invalid .json meta: {exc}") from exc
+        raise BadRecordError(f"webdataset shard {shard!r}: sample {key!r} has invalid .json meta: {exc}") from exc
+    if not isinstance(meta, dict):
+        raise BadRecordError(f"webdataset shard {shard!r}: sample {key!r} .json is a {type(meta).__name__}, "
+                             "not an object")
     meta = normalize_meta(meta, key, where=f"webdataset shard {shard!r}, sample {key!r}")
     return Record(key=key, image_bytes=_image_field(sample), meta=meta, source=source_name)
+
+
+def _require_records(records: list, problems: list[Rejection], what: str) -> None:
+    if not records:
+        shown = "; ".join(p.message for p in problems[:3])
+        raise ValueError(f"{what} has no usable record ({len(problems)} problem(s): {shown})")
 
 
 class WebDatasetSource:
     """Records from webdataset tar shards (`KEY.png` + `KEY.json`), in shard order."""
 
     def __init__(self, paths: str | os.PathLike | list, name: str | None = None):
-        self.shards = expand_shards(paths)
+        self.shards = expand_shards(paths, allow_missing=True)
         self.name = name or _default_name(paths)
-        self.records = [record for shard in self.shards for record in _read_shard(shard, self.name)]
+        self.records, self.problems = [], []
+        for shard in self.shards:
+            records, problems = _read_shard(shard, self.name)
+            self.records += records
+            self.problems += problems
+        _require_records(self.records, self.problems, f"webdataset source {self.name!r}")
 
     def __len__(self) -> int:
         return len(self.records)
@@ -156,10 +215,12 @@ def normalize_meta(entry: dict, key: str, where: str) -> dict:
     """Bring a LLaVA entry or a shard's meta to the record schema; missing fields get defaults."""
     conversations = entry.get("conversations")
     if not isinstance(conversations, list) or not conversations:
-        raise ValueError(f"{where}: no 'conversations' list (keys present: {sorted(entry)})")
+        raise BadRecordError(f"{where}: no 'conversations' list, or an empty one (keys present: {sorted(entry)})")
     for turn in conversations:
         if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
-            raise ValueError(f"{where}: every conversation turn needs 'from' and 'value', got {turn!r}")
+            raise BadRecordError(f"{where}: every conversation turn needs 'from' and 'value', got {turn!r}")
+        if not isinstance(turn["from"], str) or not isinstance(turn["value"], str):
+            raise BadRecordError(f"{where}: 'from' and 'value' must be strings, got {turn!r}")
     n_human = sum(turn["from"] == "human" for turn in conversations)
     return {
         "id": str(entry.get("id", key)),
@@ -180,9 +241,20 @@ class LlavaJsonSource:
             raise FileNotFoundError(f"LLaVA json not found: {str(self.json_path)!r}")
         self.image_root = Path(image_root) if image_root is not None else self.json_path.parent
         self.name = name or self.json_path.stem
-        self.entries = self._load()
-        # Validate every entry up front: a bad entry fails at start-up, not hours into training.
-        self.metas = [self._meta(i, entry) for i, entry in enumerate(self.entries)]
+        entries = self._load()
+        # Validate every entry up front: a bad entry is skipped and reported at start-up (the loader
+        # counts it with its key), not discovered hours into training.
+        self.entries, self.metas, self.problems = [], [], []
+        for i, entry in enumerate(entries):
+            try:
+                meta = self._meta(i, entry)
+            except BadRecordError as exc:
+                key = entry.get("id", f"{self.name}-{i}") if isinstance(entry, dict) else f"{self.name}-{i}"
+                self.problems.append(Rejection(type(exc).__name__, str(key), str(exc)))
+                continue
+            self.entries.append(entry)
+            self.metas.append(meta)
+        _require_records(self.entries, self.problems, f"LLaVA json {str(self.json_path)!r}")
 
     def _load(self) -> list:
         try:
@@ -198,10 +270,10 @@ class LlavaJsonSource:
     def _meta(self, index: int, entry) -> dict:
         where = f"LLaVA json {str(self.json_path)!r}, entry {index}"
         if not isinstance(entry, dict):
-            raise ValueError(f"{where}: expected an object, got {type(entry).__name__}")
+            raise BadRecordError(f"{where}: expected an object, got {type(entry).__name__}")
         image = entry.get("image")
         if image is not None and not isinstance(image, str):
-            raise ValueError(f"{where}: 'image' must be one relative path (multi-image entries are not supported)")
+            raise BadRecordError(f"{where}: 'image' must be one relative path (multi-image entries are not supported)")
         return normalize_meta(entry, f"{self.name}-{index}", where)
 
     def __len__(self) -> int:
@@ -214,7 +286,7 @@ class LlavaJsonSource:
         if image is not None:
             path = self.image_root / image
             if not path.is_file():
-                raise FileNotFoundError(
+                raise MissingImageError(
                     f"image {str(path)!r} of record {meta['id']!r} (source {self.name!r}) not found"
                 )
             image_bytes = path.read_bytes()

@@ -122,3 +122,37 @@ def test_first_micro_batch_without_any_usable_sample_is_an_error():
 def test_empty_source_is_rejected():
     with pytest.raises(ValueError, match="empty"):
         MixtureStream([ListSource("a", 0)], [1.0], seed=0)
+
+
+def test_source_problems_are_counted_once_with_keys_and_named_in_the_abort_message():
+    from mllm.data.sources import Rejection
+
+    source = ListSource("a", 20)
+    source.problems = [Rejection("MissingShard", "shards/a-000007.tar", "not found"),
+                       Rejection("BadRecordError", "a-x", "empty conversations"),
+                       Rejection("BadRecordError", "a-y", "value is a number")]
+    stream = MixtureStream([source], [1.0], seed=0)
+    rank0 = make_loader(stream, world_size=2, rank=0, max_bad_fraction=0.05, min_samples_before_abort=1)
+    rank1 = make_loader(stream, world_size=2, rank=1, max_bad_fraction=0.05, min_samples_before_abort=1)
+    assert rank0.rejected == {"MissingShard": 1, "BadRecordError": 2} and rank1.rejected == {}  # not per rank
+    message = rank0.quality_problem()
+    # Worst offender first, with example keys.
+    assert message.index("BadRecordError: 2 (e.g. a-x, a-y)") < message.index("MissingShard: 1 (e.g. shards/a-000007")
+    state = rank0.state_dict()
+    resumed = make_loader(stream, world_size=2, rank=0)
+    resumed.load_state_dict(state)
+    assert resumed.rejected == rank0.rejected and resumed.rejected_keys == rank0.rejected_keys
+
+
+def test_a_record_that_fails_to_load_is_skipped_with_its_position():
+    from mllm.data.sources import MissingImageError
+
+    class Flaky(ListSource):
+        def __getitem__(self, i):
+            if i == 2:
+                raise MissingImageError("image 'x.png' of record 'a-2' not found")
+            return self.records[i]
+
+    loader = make_loader(MixtureStream([Flaky("a", 8)], [1.0], seed=0), micro_batch_size=8, grad_accum=1)
+    keys = [k for batch in loader.next_step() for k in batch]
+    assert len(keys) == 7 and loader.rejected == {"MissingImageError": 1}

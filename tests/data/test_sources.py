@@ -11,11 +11,13 @@ from mllm.data import synth
 from mllm.data.sources import (
     CorruptImageError,
     LlavaJsonSource,
+    MissingImageError,
     Record,
     WebDatasetSource,
     decode_image,
     open_source,
 )
+from mllm.processing import SampleError
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +92,7 @@ def test_text_only_record_has_no_image():
         decode_image(record)
 
 
-def test_sample_without_json_names_shard_and_key(tmp_path):
+def test_sample_without_json_names_shard_and_key(tmp_path):  # the only sample: nothing usable
     shard = tmp_path / "nojson-000000.tar"
     write_tar(shard, {"lonely.png": b"x"})
     with pytest.raises(ValueError, match=r"nojson-000000\.tar.*'lonely'"):
@@ -104,16 +106,34 @@ def test_unreadable_shard_names_it(tmp_path):
         WebDatasetSource([shard])
 
 
-def test_missing_paths_raise_file_not_found(world, tmp_path):
+def test_missing_paths_raise_file_not_found_and_partly_missing_shards_are_skipped(world, tmp_path):
     pattern = str(tmp_path / "nothing-*.tar")
     with pytest.raises(FileNotFoundError, match="nothing-"):
         WebDatasetSource(pattern)
-    with pytest.raises(FileNotFoundError, match="absent-000000.tar"):
-        WebDatasetSource([str(world / "wds" / "train-vqa-000000.tar"), str(tmp_path / "absent-000000.tar")])
-    with pytest.raises(FileNotFoundError, match=r"7 of 10 .*train-vqa-000003\.tar.*pattern .*\{000000\.\.000009\}"):
-        WebDatasetSource(str(world / "wds" / "train-vqa-{000000..000009}.tar"))
+    with pytest.raises(FileNotFoundError, match="absent-000000.tar"):  # nothing listed exists
+        WebDatasetSource([str(tmp_path / "absent-000000.tar")])
     with pytest.raises(FileNotFoundError, match="missing.json"):
         LlavaJsonSource(tmp_path / "missing.json")
+    # Some shards of a list / brace pattern missing: the rest is read, each missing shard reported.
+    present = str(world / "wds" / "train-vqa-000000.tar")
+    source = WebDatasetSource([present, str(tmp_path / "absent-000000.tar")])
+    assert len(source) == len(WebDatasetSource([present]))
+    assert [(p.reason, p.key) for p in source.problems] == [("MissingShard", str(tmp_path / "absent-000000.tar"))]
+    braced = WebDatasetSource(str(world / "wds" / "train-vqa-{000000..000009}.tar"))
+    assert len(braced.problems) == 7 and {p.reason for p in braced.problems} == {"MissingShard"}
+    assert braced.problems[0].key.endswith("train-vqa-000003.tar")
+
+
+def test_truncated_shard_keeps_the_records_before_the_cut(world, tmp_path):
+    meta = json.dumps(LlavaJsonSource(world / "llava" / "train_vqa.json")[0].meta).encode()
+    whole = tmp_path / "whole-000000.tar"
+    write_tar(whole, {f"k{i}.{ext}": (meta if ext == "json" else b"png") for i in range(4) for ext in ("json", "png")})
+    cut = tmp_path / "cut-000000.tar"
+    data = whole.read_bytes()
+    cut.write_bytes(data[: int(len(data) * 0.6)])
+    source = WebDatasetSource([cut])
+    assert 1 <= len(source) < 4 and [r.key for r in source] == [f"k{i}" for i in range(len(source))]
+    assert [p.reason for p in source.problems] == ["TruncatedShard"] and "cut-000000.tar" in source.problems[0].key
 
 
 def test_llava_missing_image_file_names_path_and_key(tmp_path):
@@ -121,8 +141,9 @@ def test_llava_missing_image_file_names_path_and_key(tmp_path):
     turns = [{"from": "human", "value": "<image>\nHi"}, {"from": "gpt", "value": "hello"}]
     path.write_text(json.dumps([{"id": "a", "image": "images/gone.png", "conversations": turns}]))
     source = LlavaJsonSource(path)
-    with pytest.raises(FileNotFoundError, match=r"gone\.png.*'a'"):
+    with pytest.raises(MissingImageError, match=r"gone\.png.*'a'") as info:
         source[0]
+    assert isinstance(info.value, SampleError)  # the loader skips and counts it
 
 
 def test_llava_defaults_and_text_only_entries(tmp_path):
@@ -139,14 +160,23 @@ def test_llava_defaults_and_text_only_entries(tmp_path):
     }  # fmt: skip
 
 
-@pytest.mark.parametrize(
-    "entry", [{"id": "x"}, {"id": "x", "conversations": []}, {"id": "x", "conversations": [{"value": "hi"}]}]
-)
-def test_malformed_llava_entry_names_file_and_index(tmp_path, entry):
+@pytest.mark.parametrize("entry", [
+    {"id": "x"}, {"id": "x", "conversations": []}, {"id": "x", "conversations": [{"value": "hi"}]},
+    {"id": "x", "conversations": "hello"}, {"id": "x", "conversations": [{"from": "human", "value": 5}]},
+    {"id": "x", "image": ["a.png", "b.png"], "conversations": [{"from": "human", "value": "a"}]}, ["not", "a", "dict"],
+], ids=["no-conversations", "empty", "turn-without-from", "conversations-a-string", "value-a-number",
+        "image-a-list", "entry-a-list"])
+def test_malformed_llava_entry_is_skipped_and_reported_with_its_key(tmp_path, entry):
     path = tmp_path / "broken.json"
     good = {"id": "ok", "conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}]}
     path.write_text(json.dumps([good, good, entry]))
-    with pytest.raises(ValueError, match=r"broken\.json.*entry 2"):
+    source = LlavaJsonSource(path)
+    assert len(source) == 2
+    (problem,) = source.problems
+    assert problem.reason == "BadRecordError" and problem.key in ("x", "broken-2")
+    assert "broken.json" in problem.message and "entry 2" in problem.message
+    path.write_text(json.dumps([entry]))
+    with pytest.raises(ValueError, match=r"no usable record.*entry 0"):
         LlavaJsonSource(path)
 
 
