@@ -5,6 +5,11 @@ Under TRITON_INTERPRET=1 (set before this import) the Triton kernels run on CPU 
 """
 
 from .dispatch import BACKENDS, select_backend
+from .fused_linear_cross_entropy import (
+    FusedLinearCrossEntropyFunction,
+    fused_linear_cross_entropy,
+    fused_linear_cross_entropy_reference,
+)
 from .interval_attention import (
     HAS_TRITON,
     IntervalAttentionFunction,
@@ -14,15 +19,33 @@ from .interval_attention import (
     interval_attention_triton,
     make_flex_block_mask,
 )
+from .rms_norm import RMSNormFunction, rms_norm, rms_norm_reference, rms_norm_triton
+from .rope import RoPEFunction, apply_rope, apply_rope_reference, apply_rope_triton
+from .swiglu import SwiGLUFunction, swiglu, swiglu_reference, swiglu_triton
 
 __all__ = [
     "BACKENDS",
+    "FusedLinearCrossEntropyFunction",
     "HAS_TRITON",
     "IntervalAttentionFunction",
+    "RMSNormFunction",
+    "RoPEFunction",
+    "SwiGLUFunction",
+    "apply_rope",
+    "apply_rope_reference",
+    "apply_rope_triton",
+    "fused_linear_cross_entropy",
+    "fused_linear_cross_entropy_reference",
     "interval_attention",
     "interval_attention_flex",
     "interval_attention_reference",
     "interval_attention_triton",
     "make_flex_block_mask",
+    "rms_norm",
+    "rms_norm_reference",
+    "rms_norm_triton",
     "select_backend",
+    "swiglu",
+    "swiglu_reference",
+    "swiglu_triton",
 ]
