@@ -59,10 +59,20 @@ def save_checkpoint(engine, root: Path, step: int, client_state: dict, info: Dis
     torch.save(rng_state(), tmp / f"rng-rank{info.rank}.pt")
     _commit(tmp, final, info, {"step": step})
     if info.is_main:
-        for old in committed_checkpoints(root)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        prune_checkpoints(root, keep)
     barrier()
     return final
+
+
+def prune_checkpoints(root: Path, keep: int) -> list[Path]:
+    """Delete all but the newest `keep` (>= 1) committed checkpoints; uncommitted folders are left for
+    the next save to replace. The newest complete checkpoint is never deleted. Returns what was removed."""
+    if keep < 1:
+        raise ValueError(f"keep_last_n must be >= 1, got {keep}")
+    removed = committed_checkpoints(root)[:-keep]
+    for old in removed:
+        shutil.rmtree(old, ignore_errors=True)
+    return removed
 
 
 def committed_checkpoints(root: Path) -> list[Path]:

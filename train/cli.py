@@ -7,9 +7,11 @@ is instant. Errors a user can fix (config, paths, data) print one clear line and
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -43,6 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. stages.1.lr=2e-5 run.seed=1")
     train.add_argument("--dry-run", action="store_true", help="resolve and validate, build a tiny stand-in model")
     train.add_argument("--max-steps", type=int, default=None, help="stop each stage after this many steps")
+    train.add_argument("--resume", default="auto",
+                       help="auto: continue from the newest complete checkpoint (default); never: refuse a run "
+                            "folder that has checkpoints; or a path .../checkpoints/step-N to continue from")
+    train.add_argument("--world-size", type=int, default=None,
+                       help="with --dry-run: check the batch arithmetic for this many processes")
 
     ev = sub.add_parser("eval", help="held-out exact-match accuracy per question type (greedy, KV cache)")
     ev.add_argument("--model", required=True, help="model folder (run/model or an export)")
@@ -83,11 +90,11 @@ def cmd_train(args) -> None:
     if args.dry_run:
         from mllm.train.dry_run import dry_run
 
-        print(dry_run(cfg))
+        print(dry_run(cfg, world_size=args.world_size))
         return
     from mllm.train.trainer import run_recipe
 
-    model_dir = run_recipe(cfg, max_steps=args.max_steps)
+    model_dir = run_recipe(cfg, max_steps=args.max_steps, resume=args.resume)
     print(f"trained model: {model_dir}" if model_dir else "stopped early; run the same command to continue")
 
 
@@ -154,13 +161,16 @@ def strip_launcher_args(argv: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(strip_launcher_args(sys.argv[1:] if argv is None else argv))
     configure_logging()
+    # `kill -USR1 <pid>` prints every thread's stack (the test harness does this to a hung rank).
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     from mllm.data.loader import DataQualityError
     from mllm.schema import ConfigError
+    from mllm.train.reliability import NonFiniteLossError
 
     handler = cmd_data_synth if args.command == "data" else COMMANDS[args.command]
     try:
         handler(args)
-    except (ConfigError, FileNotFoundError, DataQualityError) as e:
+    except (ConfigError, FileNotFoundError, DataQualityError, NonFiniteLossError) as e:
         print(f"mllm {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

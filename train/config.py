@@ -101,6 +101,18 @@ class RunSpec:
     log_every: int = 10
     threads: int = 0  # torch intra-op threads per process; 0 = cores / local processes
     dist_timeout_s: int = 600  # a rank that hangs longer than this fails the run
+    # A NaN/Inf loss or gradient on any rank: `stop` the run, or `skip` the optimizer step on every rank
+    # (parameters and optimizer state unchanged; the event is logged with the step and sample keys).
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    keep_last_n: int = 2  # committed checkpoints kept per stage (the newest is never deleted)
+    watchdog_s: int = 0  # > 0: dump every thread's stack when one step takes longer than this
+
+
+    def validate(self):
+        if self.keep_last_n < 1:
+            raise ConfigError(f"keep_last_n must be >= 1 (the newest checkpoint is always kept), got {self.keep_last_n}")
+        if self.dist_timeout_s < 1:
+            raise ConfigError(f"dist_timeout_s must be >= 1, got {self.dist_timeout_s}")
 
 
 @dataclass

@@ -21,6 +21,7 @@ from mllm.tokenizer import train_tokenizer
 from mllm.train.config import RunConfig
 from mllm.train.engine import load_deepspeed_config
 from mllm.train.parameters import apply_trainable
+from mllm.train.trainer import apply_transformations
 from mllm.train.paths import missing_data_paths
 
 TINY_TEXT = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -57,16 +58,43 @@ def _model_type_of(name: str | None) -> str:
     return "llama"
 
 
-def dry_run(cfg: RunConfig) -> str:
-    lines = [f"recipe resolved: {len(cfg.stages)} stage(s), output_dir={cfg.run.output_dir}"]
+def check_deepspeed_config(path: str, stage, dtype: str) -> str:
+    """DeepSpeed's own validation of the preset (unknown keys under zero_optimization, bad values and the
+    batch arithmetic raise), as the engine would see it in one process."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    config = load_deepspeed_config(path, stage, dtype, world_size=1)
+    try:
+        parsed = DeepSpeedConfig(config)
+    except Exception as exc:  # pydantic ValidationError / AssertionError: name the file and the problem
+        raise ConfigError(f"DeepSpeed config {path} (stage {stage.name!r}) is invalid: {exc}") from None
+    return f"ZeRO-{parsed.zero_optimization_stage}"
+
+
+def dry_run(cfg: RunConfig, world_size: int | None = None) -> str:
+    from mllm.train.distributed import use_cpu_accelerator_if_needed
+
+    use_cpu_accelerator_if_needed()
+    world = world_size or 1
+    if world < 1:
+        raise ConfigError(f"--world-size must be >= 1, got {world}")
+    lines = [f"recipe resolved: {len(cfg.stages)} stage(s), output_dir={cfg.run.output_dir}, world size {world}"]
     for index, stage in enumerate(cfg.stages):
-        load_deepspeed_config(stage.deepspeed or cfg.run.deepspeed, stage, cfg.run.dtype, world_size=1)
+        preset = stage.deepspeed or cfg.run.deepspeed
+        zero = check_deepspeed_config(preset, stage, cfg.run.dtype)
+        global_batch = stage.micro_batch_size * stage.grad_accum * world
+        lines.append(f"stage {index} {stage.name!r}: {preset} ({zero}) valid; global batch {stage.micro_batch_size} "
+                     f"x {stage.grad_accum} accum x {world} processes = {global_batch}, "
+                     f"{stage.steps} steps = {stage.steps * global_batch:,} samples")
     with tempfile.TemporaryDirectory() as tmp:
         corpus = Path(tmp) / "corpus.txt"
         corpus.write_text(STAND_IN_CORPUS * 4)
         train_tokenizer([str(corpus)], Path(tmp) / "tokenizer", vocab_size=300)
         model, processor = build_model_and_processor(stand_in_spec(cfg.model, str(Path(tmp) / "tokenizer")))
         for index, stage in enumerate(cfg.stages):
+            layers = apply_transformations(model, stage, cfg.run.seed)
+            if layers:
+                lines.append(f"stage {index} {stage.name!r}: upcycles decoder layers {layers} of the stand-in to MoE")
             if stage.objective == "lm":
                 groups = apply_trainable(model, stage)
                 trainable = sum(p.numel() for g in groups for p in g["params"])

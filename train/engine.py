@@ -41,6 +41,8 @@ def load_deepspeed_config(path: str, stage, dtype: str, world_size: int) -> dict
     config.setdefault("wall_clock_breakdown", False)
     # We pass a torch optimizer (DeepSpeed's fused ones need CUDA); ZeRO-Offload would otherwise refuse it.
     config.setdefault("zero_force_ds_cpu_optimizer", False)
+    # ZeRO checks the optimizer's exact class; ours is torch AdamW with a step veto (GuardedAdamW).
+    config.setdefault("zero_allow_untested_optimizer", True)
     return config
 
 
@@ -48,7 +50,9 @@ def build_engine(module, groups: list[dict], stage, cfg, info, lr_fn):
     import deepspeed
 
     ds_config = load_deepspeed_config(stage.deepspeed or cfg.run.deepspeed, stage, cfg.run.dtype, info.world_size)
-    optimizer = torch.optim.AdamW(
+    from mllm.train.reliability import GuardedAdamW
+
+    optimizer = GuardedAdamW(
         [{"params": g["params"], "lr": g["lr"], "weight_decay": g["weight_decay"]} for g in groups],
         betas=tuple(stage.betas),
     )
@@ -57,6 +61,7 @@ def build_engine(module, groups: list[dict], stage, cfg, info, lr_fn):
         declare_zero3_leaf_modules(module)
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config)
+    engine.guarded_optimizer = optimizer  # the trainer vetoes a step on it (non-finite guard)
     return engine
 
 

@@ -36,6 +36,7 @@ class LMObjective:
         images = [decode_image(record)] if record.image_bytes is not None else []
         messages = llava_to_messages(record.meta["conversations"])
         sample = self.processor.encode_conversation(messages, len(images), self.max_length, sample_id=record.key)
+        sample["key"] = record.key
         if images:
             sample["pixel_values"] = self.processor.preprocess_images(images)  # [n_img, 3, H, W]
         return sample
@@ -45,6 +46,7 @@ class LMObjective:
                          label_rows=[s["labels"] for s in samples])
         modality = pad_rows([s["modality_ids"] for s in samples], 0, "right")["input_ids"]
         batch["modality_ids"] = modality
+        batch["keys"] = [s.get("key") for s in samples]
         pixels = [s["pixel_values"] for s in samples if "pixel_values" in s]
         if pixels:
             batch["pixel_values"] = torch.cat(pixels)
@@ -125,12 +127,13 @@ class ContrastiveObjective:
                                      f"contrastive.context_length {self.context_length}")
         pixels = self.processor.preprocess_images([decode_image(record)])
         return {"pixel_values": pixels, "text": ids + [tokenizer.pad_token_id] * (self.context_length - len(ids)),
-                "weight": 1.0}
+                "weight": 1.0, "key": record.key}
 
     def collate(self, samples: list[dict]) -> dict:
         return {"pixel_values": torch.cat([s["pixel_values"] for s in samples]),
                 "text": torch.tensor([s["text"] for s in samples]),
-                "weight": torch.tensor([s.get("weight", 1.0) for s in samples])}
+                "weight": torch.tensor([s.get("weight", 1.0) for s in samples]),
+                "keys": [s.get("key") for s in samples]}
 
     @staticmethod
     def count(batch: dict) -> int:

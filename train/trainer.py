@@ -19,7 +19,7 @@ import torch
 from mllm.builder import build_model_and_processor
 from mllm.data.loader import DataQualityError, MixtureStream, StageLoader
 from mllm.data.sources import open_source
-from mllm.schema import dump_yaml
+from mllm.schema import ConfigError, dump_yaml
 from mllm.train import checkpoint as ckpt
 from mllm.train.config import RunConfig, StageSpec
 from mllm.train.distributed import DistInfo, all_reduce, barrier, init_distributed
@@ -28,12 +28,9 @@ from mllm.train.objectives import build_objective
 from mllm.train.engine import build_engine, gathered_state_dict
 from mllm.train.parameters import apply_trainable, param_table
 from mllm.train.paths import missing_data_paths
+from mllm.train.reliability import Heartbeat, NonFiniteGuard, NonFiniteLossError, Preemption, check_resumable
 
 logger = logging.getLogger("mllm.train")
-
-
-class NonFiniteLossError(RuntimeError):
-    pass
 
 
 def lr_lambda(stage: StageSpec):
@@ -52,30 +49,83 @@ def stage_dir(cfg: RunConfig, index: int) -> Path:
     return Path(cfg.run.output_dir) / f"stage{index}-{cfg.stages[index].name}"
 
 
-def run_recipe(cfg: RunConfig, max_steps: int | None = None) -> Path | None:
-    """Train every stage in order; returns the trained model's folder (`run/model`), None if stopped early."""
+class Stopped(Exception):
+    """The run stopped before the recipe's end on request (--max-steps, SIGTERM); a re-run continues."""
+
+
+def stages_with_state(cfg: RunConfig) -> int:
+    """How many leading stages have a committed result or checkpoints in the run folder."""
+    count = 0
+    for index in range(len(cfg.stages)):
+        folder = stage_dir(cfg, index)
+        if ckpt.is_committed(folder / "final") or ckpt.committed_checkpoints(folder / "checkpoints"):
+            count = index + 1
+    return count
+
+
+def resolve_resume(cfg: RunConfig, resume: str) -> tuple[int, Path] | None:
+    """`auto`: continue from the newest complete state. `never`: refuse a folder that has state.
+    A checkpoint path: continue that stage from exactly that checkpoint."""
+    with_state = stages_with_state(cfg)
+    if resume == "auto":
+        return None
+    if resume == "never":
+        if with_state:
+            raise ConfigError(f"{cfg.run.output_dir} already holds checkpoints; pass --resume auto to continue "
+                              "from them, or choose a new run.output_dir (nothing was changed)")
+        return None
+    path = Path(resume)
+    for index in range(len(cfg.stages)):
+        root = (stage_dir(cfg, index) / "checkpoints").resolve()
+        if path.resolve().parent == root:
+            if not ckpt.is_committed(path):
+                raise ConfigError(f"--resume {resume}: not a complete checkpoint (no {ckpt.COMMIT} marker)")
+            if with_state > index + 1 or ckpt.is_committed(stage_dir(cfg, index) / "final"):
+                raise ConfigError(f"--resume {resume}: stage {cfg.stages[index].name!r} or a later one already "
+                                  "finished; resuming from an earlier checkpoint would mix two histories. "
+                                  "Copy the run first if that is what you want")
+            return index, path
+    raise ConfigError(f"--resume {resume}: not a checkpoint of this run (expected "
+                      f"{cfg.run.output_dir}/stage<N>-<name>/checkpoints/step-<step>), or use auto | never")
+
+
+def run_recipe(cfg: RunConfig, max_steps: int | None = None, resume: str = "auto") -> Path | None:
+    """Train every stage in order; returns the trained model's folder (`run/model`), None if stopped early
+    (--max-steps or SIGTERM: the latest state is checkpointed and a re-run continues from it)."""
     missing = missing_data_paths(cfg)
     if missing:  # fail before stage 0 spends its time, not when stage 2 opens its data
         raise FileNotFoundError("missing data:\n  " + "\n  ".join(missing))
+    out = Path(cfg.run.output_dir)
+    check_resumable(out / "config.yaml", cfg, stages_with_state(cfg))
+    start_from = resolve_resume(cfg, resume)
     info = init_distributed(cfg.run.dist_timeout_s)
     threads = cfg.run.threads or max(1, (os.cpu_count() or 1) // info.local_world_size)
     torch.set_num_threads(threads)
-    out = Path(cfg.run.output_dir)
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
         dump_yaml(cfg, out / "config.yaml")
     barrier()
     metrics = MetricsLogger(out, enabled=info.is_main)
     previous = None
-    for index, stage in enumerate(cfg.stages):
-        final = stage_dir(cfg, index) / "final"
-        if ckpt.is_committed(final):
-            logger.info("stage %d (%s) already committed at %s; skipping", index, stage.name, final)
-        elif not train_stage(cfg, index, previous, info, metrics, max_steps=max_steps):
-            logger.info("stopped in stage %s after --max-steps %d; re-run to continue", stage.name, max_steps)
-            metrics.close()
-            return None
-        previous = final
+    preemption = Preemption()
+    heartbeat = Heartbeat(out, info.rank, cfg.run.watchdog_s)
+    try:
+        for index, stage in enumerate(cfg.stages):
+            final = stage_dir(cfg, index) / "final"
+            if ckpt.is_committed(final):
+                logger.info("stage %d (%s) already committed at %s; skipping", index, stage.name, final)
+            else:
+                checkpoint = start_from[1] if start_from is not None and start_from[0] == index else None
+                train_stage(cfg, index, previous, info, metrics, max_steps=max_steps, checkpoint=checkpoint,
+                            preemption=preemption, heartbeat=heartbeat)
+            previous = final
+    except Stopped as stop:
+        logger.info("%s; run the same command to continue", stop)
+        metrics.close()
+        return None
+    finally:
+        heartbeat.stop()
+        preemption.restore()
     if info.is_main:
         save_model_folder(cfg, previous, out / "model")
         plot_losses(metrics.path, out / "loss.png")
@@ -133,8 +183,10 @@ def evaluate_run(cfg: RunConfig, out: Path) -> None:
 
 
 def train_stage(cfg: RunConfig, index: int, init_from: Path | None, info: DistInfo, metrics: MetricsLogger,
-                max_steps: int | None = None) -> bool:
-    """Train one stage; True when it finished (and committed `final/`), False when stopped by max_steps."""
+                max_steps: int | None = None, checkpoint: Path | None = None, preemption: Preemption | None = None,
+                heartbeat: Heartbeat | None = None) -> None:
+    """Train one stage and commit `final/`; raises Stopped after checkpointing when stopped early
+    (--max-steps, SIGTERM)."""
     stage = cfg.stages[index]
     folder = stage_dir(cfg, index)
     torch.manual_seed(cfg.run.seed + index)
@@ -148,20 +200,29 @@ def train_stage(cfg: RunConfig, index: int, init_from: Path | None, info: DistIn
 
     step = 0
     latest = ckpt.committed_checkpoints(folder / "checkpoints")
-    if latest:
-        state = ckpt.load_checkpoint(engine, latest[-1], info)
+    resume_from = checkpoint or (latest[-1] if latest else None)
+    if resume_from is not None:
+        state = ckpt.load_checkpoint(engine, resume_from, info)
         step = state["step"]
         loader.load_state_dict(state["data"])
-        logger.info("resumed stage %s from %s (step %d)", stage.name, latest[-1], step)
+        logger.info("resumed stage %s from %s (step %d)", stage.name, resume_from, step)
 
+    def save(at: int) -> Path:
+        return ckpt.save_checkpoint(engine, folder / "checkpoints", at, {"step": at, "data": loader.state_dict()},
+                                    info, keep=cfg.run.keep_last_n)
+
+    guard = NonFiniteGuard(p for p in objective.module.parameters() if p.requires_grad)
     last_step = stage.steps if max_steps is None else min(stage.steps, max_steps)
     progress = make_progress(info, stage, step, last_step)
     while step < last_step:
         started = time.perf_counter()
-        loss, tokens = train_step(engine, objective, loader)
+        loss, tokens, skipped, norm = train_step(engine, objective, loader, guard, cfg.run.on_nonfinite, step + 1)
         step += 1
         elapsed = time.perf_counter() - started
+        if heartbeat is not None:
+            heartbeat.beat(stage.name, step)
         record = {"stage": stage.name, "step": step, "loss": loss, "lr": engine.get_lr()[0],
+                  "grad_norm": norm, "skipped": int(skipped),
                   "tokens_per_s": all_reduce(tokens) / elapsed, "samples": loader.position,
                   "rejected": all_reduce(sum(loader.rejected.values()))}
         if progress is not None:
@@ -171,7 +232,13 @@ def train_stage(cfg: RunConfig, index: int, init_from: Path | None, info: DistIn
             record.update(objective.metrics())  # collective on every rank (MoE load and losses)
             metrics.log(record, global_step=step)
         if stage.save_every and step % stage.save_every == 0 and step < last_step:
-            ckpt.save_checkpoint(engine, folder / "checkpoints", step, {"step": step, "data": loader.state_dict()}, info)
+            save(step)
+        preempted = preemption is not None and all_reduce(1.0 if preemption.requested else 0.0, "max") > 0
+        if preempted and step < stage.steps:
+            if not (stage.save_every and step % stage.save_every == 0):
+                save(step)
+            raise Stopped(f"preempted (SIGTERM) in stage {stage.name} at step {step}; checkpoint saved")
+    guard.remove()
     if progress is not None:
         progress.close()
     if step >= stage.steps:
@@ -179,14 +246,18 @@ def train_stage(cfg: RunConfig, index: int, init_from: Path | None, info: DistIn
         ckpt.save_weights(state, folder / "final", info, {"stage": stage.name, "steps": step,
                                                           "rejected": dict(loader.rejected)})
     else:  # stopped early on request (max_steps): checkpoint so a re-run continues from here
-        ckpt.save_checkpoint(engine, folder / "checkpoints", step, {"step": step, "data": loader.state_dict()}, info)
+        save(step)
+        raise Stopped(f"stopped in stage {stage.name} after --max-steps {max_steps}")
     del engine
     barrier()
-    return step >= stage.steps
 
 
-def train_step(engine, objective, loader: StageLoader) -> tuple[float, int]:
-    """One optimizer step over `grad_accum` micro-batches; returns (global mean loss, this rank's tokens)."""
+def train_step(engine, objective, loader: StageLoader, guard: NonFiniteGuard | None = None,
+               on_nonfinite: str = "stop", step: int = 0) -> tuple[float, int, bool, float | None]:
+    """One optimizer step over `grad_accum` micro-batches.
+
+    Returns (global mean loss, this rank's tokens, whether the step was skipped as non-finite, the global
+    gradient norm before clipping)."""
     micro_batches = loader.next_step()
     problem = loader.quality_problem()
     if all_reduce(1.0 if problem else 0.0, "max") > 0:
@@ -196,24 +267,56 @@ def train_step(engine, objective, loader: StageLoader) -> tuple[float, int]:
     # ranks, which the scale undoes.
     global_count = all_reduce(sum(objective.count(b) for b in micro_batches))
     if global_count == 0:
-        raise DataQualityError("a global batch without a single target token; check the labels / data")
+        raise DataQualityError("a global batch without a single target token; check the data and the labels")
     scale = engine.gradient_accumulation_steps() * engine.world_size / global_count
-    total, tokens = 0.0, 0
-    for batch in micro_batches:
+    total, tokens, bad_loss, keys, skipped, norm = 0.0, 0, False, [], False, None
+    if guard is not None:
+        guard.reset()
+    optimizer = getattr(engine, "guarded_optimizer", None)
+    for i, batch in enumerate(micro_batches):
+        keys += batch.pop("keys", [])
         tokens += objective.tokens(batch)
         loss_sum, aux_loss = objective.loss(engine, batch)
-        finite = bool(torch.isfinite(loss_sum)) and (aux_loss is None or bool(torch.isfinite(aux_loss)))
-        if all_reduce(0.0 if finite else 1.0, "max") > 0:
-            raise NonFiniteLossError(
-                f"non-finite loss at sample position {loader.position}; the optimizer step was not taken. "
-                "Lower the learning rate or check the data; resume from the last checkpoint."
-            )
+        bad_loss |= not bool(torch.isfinite(loss_sum)) or (aux_loss is not None and not bool(torch.isfinite(aux_loss)))
         # Auxiliary losses (MoE balance / z) are per-micro-batch means: DeepSpeed's 1/grad_accum and the
         # rank average turn them into the mean over the global batch.
         engine.backward(loss_sum * scale if aux_loss is None else loss_sum * scale + aux_loss)
+        if i == len(micro_batches) - 1:  # every gradient exists now; the optimizer step comes next
+            local = "loss" if bad_loss else ("gradient" if guard is not None and guard.seen() else None)
+            if all_reduce(1.0 if local else 0.0, "max") > 0:
+                skipped = handle_nonfinite(local, step, keys, on_nonfinite, loader, optimizer)
+            if engine.zero_optimization_stage() == 0:  # DeepSpeed clips but does not report the norm here
+                norm = averaged_grad_norm(objective.module)
         engine.step()
         total += float(loss_sum.detach())
-    return all_reduce(total) / global_count, tokens
+    if optimizer is not None:
+        optimizer.skip_next = False
+    if norm is None:
+        norm = engine.get_global_grad_norm()
+    norm = None if norm is None else float(norm)
+    return (float("nan") if skipped else all_reduce(total) / global_count), tokens, skipped, norm
+
+
+def handle_nonfinite(local: str | None, step: int, keys: list, on_nonfinite: str, loader, optimizer) -> bool:
+    """Every rank agreed that some rank saw a NaN/Inf: log where, then stop or veto the optimizer step."""
+    if local is not None:
+        logger.error("non-finite %s at step %d on this rank (samples %s, data position %d)", local, step,
+                     keys, loader.position)
+    if on_nonfinite == "stop" or optimizer is None:
+        raise NonFiniteLossError(
+            f"non-finite loss or gradient at step {step} (see the rank logs for the sample keys); the optimizer "
+            "step was not taken. Lower the learning rate or check the data, then resume from the last "
+            "checkpoint, or set run.on_nonfinite=skip"
+        )
+    optimizer.skip_next = True  # the step is skipped on every rank: parameters and optimizer state unchanged
+    logger.warning("step %d skipped: non-finite loss or gradient (run.on_nonfinite=skip)", step)
+    return True
+
+
+def averaged_grad_norm(module) -> float:
+    """L2 norm of the (already rank-averaged) gradients: without ZeRO every rank holds all of them."""
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
 
 
 def make_loader(cfg: RunConfig, stage: StageSpec, objective, info: DistInfo) -> StageLoader:

@@ -4,14 +4,12 @@ its metrics and expert-load heatmap, resume inside the MoE stage, and ZeRO-3 wit
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
+from tests.train import launch
 from tests.train.test_train_integration import TIMEOUT_S, losses, mllm, tiny_recipe, world, write_recipe  # noqa: F401
 
 ROOT = Path(__file__).parents[2]
@@ -89,12 +87,9 @@ def test_resume_inside_the_moe_stage_reproduces_the_uninterrupted_run(world, moe
 
 @pytest.mark.parametrize("zero, implementation", [(3, "loop"), (3, "auto"), (2, "auto")])
 def test_two_ranks_with_an_expert_idle_on_one_rank_do_not_hang(tmp_path, zero, implementation):
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", str(29700 + os.getpid() % 200 + 2 * zero + (implementation == "auto")),
-           str(ROOT / "tests" / "train" / "moe_zero3_worker.py"), str(tmp_path),
-           str(ROOT / "configs" / "deepspeed" / f"zero{zero}.json"), implementation]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=TIMEOUT_S)
+    cmd = launch.command([str(tmp_path), str(ROOT / "configs" / "deepspeed" / f"zero{zero}.json"), implementation],
+                         nproc=2, script=str(ROOT / "tests" / "train" / "moe_zero3_worker.py"))
+    proc = launch.run(cmd, timeout=TIMEOUT_S)
     assert proc.returncode == 0, proc.stderr[-4000:]
     rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     leaves = ["model.language_model.layers.0.mlp", "model.language_model.layers.1.mlp"] if zero == 3 else []
