@@ -131,6 +131,26 @@ def test_two_processes_match_one_process(world, single_process_run, zero):
     assert norms[0][1] == pytest.approx(norms[1][1], rel=1e-5) and norms[0][1] > 0
 
 
+LAUNCHERS = {
+    "accelerate": lambda port: [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                                str(Path(__file__).parents[2] / "configs" / "launch" / "accelerate_cpu_2proc.yaml"),
+                                "--main_process_port", str(port), "-m", "mllm.train.cli"],
+    "deepspeed": lambda port: [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2",
+                               "--master_port", str(port), "--module", "mllm.train.cli"],
+}
+
+
+@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
+def test_accelerate_and_deepspeed_launchers_match_one_process(world, single_process_run, launcher):
+    """`mllm train` runs unchanged under `accelerate launch` (config file) and the `deepspeed` launcher."""
+    recipe = tiny_recipe(world, f"run_{launcher}", steps=2, grad_accum=1, save_every=0)
+    cmd = [*LAUNCHERS[launcher](launch.free_port()), "train", str(write_recipe(world, launcher, recipe))]
+    proc = launch.run(cmd, timeout=TIMEOUT_S)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    single, launched = losses(single_process_run), losses(world / f"run_{launcher}")
+    assert single[1] == pytest.approx(launched[1], rel=1e-6) and single[2] == pytest.approx(launched[2], rel=1e-5)
+
+
 def test_contrastive_stage_trains_the_tower_used_next(world):
     recipe = tiny_recipe(world, "run_clip", steps=2, save_every=0)
     clip = {"name": "clip", "objective": "contrastive", "trainable": [{"params": ["*"]}], "steps": 3,
