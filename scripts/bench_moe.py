@@ -97,7 +97,7 @@ def main() -> None:
         moe = MoEBlock(spec, d, f, act).to(device, dtype)
         moe.init_random(0.02)
         if implementation == "grouped_mm" and not grouped_mm_supported(x[0], moe.experts.gate_proj,
-                                                                       moe.experts.down_proj):
+                                                                       moe.experts.down_proj, explicit=True):
             print(f"{'moe grouped_mm':<24} (torch._grouped_mm cannot run here: {device} {args.dtype})")
             continue
         moe.routing_context = context

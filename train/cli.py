@@ -92,9 +92,15 @@ def cmd_train(args) -> None:
 
         print(dry_run(cfg, world_size=args.world_size))
         return
+    from mllm.train.distributed import shutdown
     from mllm.train.trainer import run_recipe
 
-    model_dir = run_recipe(cfg, max_steps=args.max_steps, resume=args.resume)
+    try:
+        model_dir = run_recipe(cfg, max_steps=args.max_steps, resume=args.resume)
+    except BaseException:
+        shutdown(clean=False)
+        raise
+    shutdown()
     print(f"trained model: {model_dir}" if model_dir else "stopped early; run the same command to continue")
 
 

@@ -85,6 +85,16 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
+def shutdown(clean: bool = True) -> None:
+    """Tear the process group down before exit: a live gloo group's threads can abort the interpreter at
+    shutdown ("terminate called without an active exception"), turning a finished run into a failure.
+    After an error (`clean=False`) there is no barrier: the other ranks may never reach it."""
+    if dist.is_initialized():
+        if clean and dist.get_world_size() > 1:
+            dist.barrier()
+        dist.destroy_process_group()
+
+
 def barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()

@@ -48,6 +48,7 @@ PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
     ("H100", 989.5),  # SXM5 ("NVIDIA H100 80GB HBM3")
     ("H800", 989.5),
     ("H20", 148.0),
+    ("GB200", 2500.0),
     ("B200", 2250.0),
     ("B100", 1750.0),
     ("A100", 312.0),  # SXM4 and PCIe alike
@@ -149,6 +150,13 @@ def vision_flops_per_image(config: MLLMConfig, frozen_vision: bool = False) -> t
     feature_layer = config.vision_feature_layer  # an index into (embeddings, layer 1, ..., layer L)
     used = feature_layer if feature_layer >= 0 else shape.layers + 1 + feature_layer
     return forward, forward + (TRAIN_FACTOR - 1) * (embed + used * layer)
+
+
+def image_tokens_per_image(config: MLLMConfig) -> int:
+    """LLM-side tokens per image, as `MLLMConfig.num_image_tokens` counts them, but from the vision
+    config alone (an open_clip config has no image_size until its tower is built)."""
+    shape = vit_shape(config.vision_config)
+    return shape.patches + int(shape.has_cls and config.vision_feature_select_strategy == "full")
 
 
 def projector_flops_per_token(config: MLLMConfig) -> float:
@@ -314,7 +322,7 @@ def model_flops(config: MLLMConfig, num_tokens: int, num_pairs: int, num_images:
     """FLOPs of `num_tokens` LLM tokens (image tokens included) with `num_pairs` visible attention pairs,
     and `num_images` images through the tower and the projector."""
     vision_forward, vision_training = vision_flops_per_image(config, frozen_vision) if num_images else (0.0, 0.0)
-    image_tokens = num_images * config.num_image_tokens
+    image_tokens = num_images * image_tokens_per_image(config)
     return FlopCount(
         vision=num_images * vision_forward,
         vision_training=num_images * vision_training,
@@ -329,7 +337,7 @@ def model_flops_per_sample(config: MLLMConfig, seq_len: int, num_images: int = 1
     """FLOPs of one sample of `seq_len` tokens (its expanded image tokens included) holding `num_images`
     images; attention is causal unless `num_pairs` (e.g. from `attention_pairs(kv_start=..., kv_end=...)`)
     says otherwise. For planning ("what does a 2048-token sample with one image cost?")."""
-    image_tokens = num_images * config.num_image_tokens
+    image_tokens = num_images * image_tokens_per_image(config)
     if image_tokens > seq_len:
         raise ValueError(f"{num_images} image(s) expand to {image_tokens} tokens, more than seq_len={seq_len}")
     pairs = causal_pairs(seq_len) if num_pairs is None else num_pairs
@@ -344,7 +352,7 @@ def batch_flops(config: MLLMConfig, input_ids: torch.Tensor | None = None,
 
     Tokens: real tokens (attention_mask) or all B*T. Attention: the kv windows when given (MMA,
     packing), else causal per row. Images: `num_images` (pixel_values.shape[0]) or, by default, the
-    image tokens in input_ids divided by `config.num_image_tokens`.
+    image tokens in input_ids divided by the tokens per image.
     """
     ref = next((t for t in (input_ids, attention_mask, kv_start) if t is not None), None)
     if ref is None:
@@ -355,10 +363,11 @@ def batch_flops(config: MLLMConfig, input_ids: torch.Tensor | None = None,
         if input_ids is None:
             raise ValueError("pass num_images (pixel_values.shape[0]) or input_ids to count the image tokens")
         image_tokens = int(((input_ids == config.image_token_id) & real.to(input_ids.device)).sum())
-        num_images, rest = divmod(image_tokens, config.num_image_tokens)
+        per_image = image_tokens_per_image(config)
+        num_images, rest = divmod(image_tokens, per_image)
         if rest:
             raise ValueError(f"input_ids hold {image_tokens} image tokens, not a multiple of the "
-                             f"{config.num_image_tokens} tokens per image; pass num_images explicitly")
+                             f"{per_image} tokens per image; pass num_images explicitly")
     pairs = attention_pairs(attention_mask, kv_start, kv_end, shape=tuple(ref.shape))
     return model_flops(config, num_tokens, pairs, num_images, frozen_vision)
 
@@ -392,6 +401,6 @@ def mfu(flops_per_s: float, device_name: str | None, peak_tflops: float | None =
 
 
 __all__ = ["PEAK_BF16_TFLOPS", "FlopCount", "LLMShape", "ViTShape", "attention_pairs", "batch_flops",
-           "causal_pairs", "current_device_name", "experts_per_token", "llm_attention_flops_per_pair",
+           "causal_pairs", "current_device_name", "experts_per_token", "image_tokens_per_image", "llm_attention_flops_per_pair",
            "llm_matmul_flops_per_token", "lookup_peak_tflops", "mfu", "model_flops", "model_flops_per_sample",
            "projector_flops_per_token", "vision_flops_per_image", "vit_layer_flops", "vit_shape"]

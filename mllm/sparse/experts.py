@@ -14,15 +14,19 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def grouped_mm_supported(x: torch.Tensor, *weights: torch.Tensor) -> bool:
-    """`torch._grouped_mm` needs 16-byte aligned strides; on CUDA it needs Hopper+ and bf16."""
+def grouped_mm_supported(x: torch.Tensor, *weights: torch.Tensor, explicit: bool = False) -> bool:
+    """Whether `torch._grouped_mm` can run: 16-byte aligned strides; on CUDA, Hopper+ and bf16.
+
+    On CPU it runs (and equals the loop, tested), but `auto` does not pick it there: it was no faster
+    than the loop (BENCHMARKS.md) and under DeepSpeed ZeRO-3 with 2 gloo ranks it aborted the process
+    intermittently (SIGABRT, about 1 run in 8 under load). `explicit=True` asks whether it *can* run."""
     if not hasattr(torch, "_grouped_mm"):
         return False
     if any((w.shape[-1] * w.element_size()) % 16 or (w.shape[-2] * w.element_size()) % 16 for w in weights):
         return False
     if x.is_cuda:
         return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9
-    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
+    return explicit and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
 
 
 class Experts(nn.Module):

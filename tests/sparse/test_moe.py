@@ -168,7 +168,7 @@ def test_grouped_matmul_equals_the_per_expert_loop_forward_and_grads():
     loop.implementation = "loop"
     counts = torch.tensor([7, 0, 3, 11, 2])  # an empty expert included
     x = torch.randn(int(counts.sum()), 32)
-    assert grouped_mm_supported(x, grouped.gate_proj, grouped.down_proj)
+    assert grouped_mm_supported(x, grouped.gate_proj, grouped.down_proj, explicit=True)
     grad = torch.randn(x.shape[0], 32)
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
     ya, yb = grouped.dropless(xa, counts), loop.dropless(xb, counts)
@@ -352,7 +352,7 @@ class HostSyncDetector(torch.overrides.TorchFunctionMode):
 
 @pytest.mark.parametrize("kwargs", [
     {"implementation": "grouped_mm"}, {"capacity_factor": 1.0}, {"routing": "expert_choice", "capacity_factor": 1.0},
-    {"shared_experts": 1, "router_jitter": 0.01, "router_noise": 0.1},
+    {"shared_experts": 1, "router_jitter": 0.01, "router_noise": 0.1, "implementation": "grouped_mm"},
 ], ids=["dropless-grouped", "capacity", "expert-choice", "shared+noise"])
 def test_moe_forward_and_backward_make_no_host_sync_calls(kwargs):
     """What runs on CUDA must not wait for the device: no .item()/.tolist(), no nonzero / bincount / boolean

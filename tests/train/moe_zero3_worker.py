@@ -18,7 +18,7 @@ import torch
 from mllm.configuration import MLLMConfig, OpenCLIPVisionConfig
 from mllm.modeling import MLLMForConditionalGeneration
 from mllm.sparse.moe import moe_blocks, routing_counts
-from mllm.train.distributed import init_distributed
+from mllm.train.distributed import init_distributed, shutdown
 from mllm.train.engine import build_engine
 
 STEPS = 3
@@ -58,6 +58,7 @@ def main(out: Path, zero_config: str, implementation: str) -> None:
         loads.append(routing_counts(engine.module)["load"].tolist())
     out.mkdir(parents=True, exist_ok=True)
     (out / f"rank{info.rank}.json").write_text(json.dumps({"losses": losses, "load": loads, "leaves": leaves}))
+    shutdown()
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from mllm.attention.layout import compute_layout, dense_mask
 from mllm.modeling import MLLMForConditionalGeneration
 from mllm.train import flops
-from mllm.train.flops import FlopCount, LLMShape, attention_pairs, batch_flops, mfu, model_flops_per_sample
+from mllm.train.flops import LLMShape, attention_pairs, batch_flops, mfu, model_flops_per_sample
 from tests.test_modeling import right_padded_batch
 
 IMAGE_TOKEN_ID = 4
@@ -177,7 +177,7 @@ def test_mma_and_causal_windows_change_only_the_attention_term(tiny):
     n = config.num_image_tokens
     ids, mask = right_padded_batch(config.vocab_size, n)
     assistant = torch.zeros_like(ids, dtype=torch.bool)
-    assistant[:, -3] = True  # an assistant turn near the end of each row (row 1's is past its padding)
+    assistant[:, 13] = True  # an assistant turn after the image in both rows (lengths 16 and 14)
     modality = (ids == IMAGE_TOKEN_ID).long()
     causal = compute_layout(mask, modality, assistant, mode="causal")
     mma = compute_layout(mask, modality, assistant, mode="mma")
@@ -229,6 +229,13 @@ def test_open_clip_sizes_come_from_model_cfg(tiny):
     from mllm.configuration import OpenCLIPVisionConfig
 
     assert flops.vit_shape(OpenCLIPVisionConfig(model_name="x", model_cfg=cfg)).intermediate == 4 * 48
+    # An unbuilt open_clip config (no image_size yet) costs what the built model's config does.
+    fresh, built = tiny.config("open_clip"), tiny.model("open_clip").config
+    assert fresh.vision_config.image_size is None and built.vision_config.image_size == 48
+    assert model_flops_per_sample(fresh, SEQ) == model_flops_per_sample(built, SEQ)
+    for strategy in ("default", "full"):
+        config = tiny.config("clip", vision_feature_select_strategy=strategy)
+        assert flops.image_tokens_per_image(config) == config.num_image_tokens
 
 
 # ---------------------------------------------------------------------------------------- peaks / MFU
@@ -251,7 +258,3 @@ def test_mfu():
     assert mfu(100e12, "NVIDIA H100 80GB HBM3", peak_tflops=400.0) == pytest.approx(0.25)  # override wins
     with pytest.raises(ValueError, match="peak_tflops"):
         mfu(1.0, None, peak_tflops=0.0)
-
-
-def test_flop_count_is_typed():
-    assert FlopCount(llm_matmul=1.0).training == 3.0

@@ -85,7 +85,8 @@ def test_resume_inside_the_moe_stage_reproduces_the_uninterrupted_run(world, moe
     assert resumed[4] == reference[4], (resumed, reference)
 
 
-@pytest.mark.parametrize("zero, implementation", [(3, "loop"), (3, "auto"), (2, "auto")])
+# The dropless loop is what `auto` runs on CPU (grouped_mm is CUDA-only by default: see experts.py).
+@pytest.mark.parametrize("zero, implementation", [(3, "loop"), (2, "loop")])
 def test_two_ranks_with_an_expert_idle_on_one_rank_do_not_hang(tmp_path, zero, implementation):
     cmd = launch.command([str(tmp_path), str(ROOT / "configs" / "deepspeed" / f"zero{zero}.json"), implementation],
                          nproc=2, script=str(ROOT / "tests" / "train" / "moe_zero3_worker.py"))
