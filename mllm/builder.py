@@ -80,6 +80,21 @@ class AttentionSpec:
 
 
 @dataclass
+class KernelsSpec:
+    """Fused kernels for training (mllm.kernels); checkpoints keep the stock layout either way."""
+
+    rms_norm: bool = False
+    swiglu: bool = False
+    rope: bool = False
+    fused_cross_entropy: bool = False  # chunked lm_head + loss: never materialises [tokens, vocab] logits
+    backend: Literal["auto", "triton", "reference"] = "auto"
+
+    @property
+    def module_ops(self) -> tuple[str, ...]:
+        return tuple(op for op in ("rms_norm", "swiglu", "rope") if getattr(self, op))
+
+
+@dataclass
 class ModelSpec:
     vision: VisionSpec = field(default_factory=VisionSpec)
     projector: ProjectorSpec = field(default_factory=ProjectorSpec)
@@ -87,6 +102,7 @@ class ModelSpec:
     tokenizer: str | None = None  # hub id / path; defaults to text.name
     attention: AttentionSpec = field(default_factory=AttentionSpec)
     moe: MoESpec | None = None  # an MoE model from scratch; a stage's `upcycle:` converts a trained one
+    kernels: KernelsSpec = field(default_factory=KernelsSpec)
 
 
 def vision_config_from_spec(spec: VisionSpec) -> PreTrainedConfig:

@@ -32,6 +32,7 @@ class MLLMOutput(ModelOutput):
     hidden_states: tuple[torch.Tensor, ...] | None = None
     image_features: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None  # MoE balance + z losses (weighted), training only
+    loss_sum: torch.Tensor | None = None  # summed target-token loss (fused path: the logits are never built)
 
 
 class MLLMPreTrainedModel(PreTrainedModel):
@@ -194,13 +195,30 @@ class MLLMModel(MLLMPreTrainedModel):
         return {"attention_layout": layout, "attention_backend": attention.get("backend", "auto")}
 
 
+class LMHead(nn.Linear):
+    """`lm_head`: a plain Linear, plus a fused loss mode.
+
+    `lm_head(hidden, labels=...)` returns (summed cross-entropy, target count) through the chunked
+    fused linear + cross-entropy kernel, never building the [tokens, vocab] logits. It is a method of
+    this module (not code reading `lm_head.weight` from outside) so ZeRO-3 gathers the weight for it."""
+
+    def forward(self, hidden: torch.Tensor, labels: torch.Tensor | None = None):
+        if labels is None:
+            return super().forward(hidden)
+        from mllm.kernels import fused_linear_cross_entropy
+
+        shift_hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # position t predicts token t+1
+        shift_labels = labels[:, 1:].reshape(-1).to(hidden.device)
+        return fused_linear_cross_entropy(shift_hidden, self.weight, shift_labels, ignore_index=IGNORE_INDEX)
+
+
 class MLLMForConditionalGeneration(MLLMPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
 
     def __init__(self, config: MLLMConfig):
         super().__init__(config)
         self.model = MLLMModel(config)
-        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.lm_head = LMHead(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
@@ -228,9 +246,12 @@ class MLLMForConditionalGeneration(MLLMPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         logits_to_keep: int = 0,
         past_key_values: Cache | None = None,
+        fused_loss: bool = False,
         **kwargs,
     ) -> MLLMOutput:
-        """`modality_ids` (0 text, 1 image) feed the attention layouts; plain causal attention ignores them."""
+        """`modality_ids` (0 text, 1 image) feed the attention layouts; plain causal attention ignores them.
+        `fused_loss=True` with labels computes the loss with the fused lm_head + cross-entropy and returns
+        no logits (training memory: the [tokens, vocab] logits are never materialised)."""
         cache = cache if cache is not None else past_key_values
         outputs, image_features = self.model(
             input_ids=input_ids,
@@ -246,11 +267,17 @@ class MLLMForConditionalGeneration(MLLMPreTrainedModel, GenerationMixin):
         hidden = outputs.last_hidden_state  # [B, T, D]
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
-        logits = self.lm_head(hidden)  # [B, T, V]
         aux_loss = self.model.routing_aux_loss() if self.config.moe is not None and self.training else None
-        loss = None
-        if labels is not None:
-            total, count = causal_lm_loss_sum(logits, labels)
+        loss = logits = total = None
+        if fused_loss and labels is not None:
+            if not isinstance(self.lm_head, LMHead):  # e.g. replaced by resize_token_embeddings
+                raise ValueError(f"fused_loss needs mllm's LMHead as lm_head, got {type(self.lm_head).__name__}")
+            total, count = self.lm_head(hidden, labels=labels)
+        else:
+            logits = self.lm_head(hidden)  # [B, T, V]
+            if labels is not None:
+                total, count = causal_lm_loss_sum(logits, labels)
+        if total is not None:
             loss = total / count.clamp(min=1)
             if aux_loss is not None:
                 loss = loss + aux_loss
@@ -261,6 +288,7 @@ class MLLMForConditionalGeneration(MLLMPreTrainedModel, GenerationMixin):
             hidden_states=outputs.hidden_states,
             image_features=image_features,
             aux_loss=aux_loss,
+            loss_sum=total,
         )
 
 
@@ -281,4 +309,4 @@ def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torc
     return total, (shift_labels != IGNORE_INDEX).sum()
 
 
-__all__ = ["MLLMForConditionalGeneration", "MLLMModel", "MLLMPreTrainedModel", "causal_lm_loss_sum"]
+__all__ = ["LMHead", "MLLMForConditionalGeneration", "MLLMModel", "MLLMPreTrainedModel", "causal_lm_loss_sum"]

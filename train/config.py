@@ -106,11 +106,20 @@ class RunSpec:
     on_nonfinite: Literal["stop", "skip"] = "stop"
     keep_last_n: int = 2  # committed checkpoints kept per stage (the newest is never deleted)
     watchdog_s: int = 0  # > 0: dump every thread's stack when one step takes longer than this
+    # Memory savers: recompute activations in the backward (`full`: whole decoder layers, every
+    # `checkpoint_every`-th one; `selective`: only the FFNs, whose activations are the largest).
+    activation_checkpointing: Literal["none", "full", "selective"] = "none"
+    checkpoint_every: int = 1
+    compile: bool = False  # torch.compile each decoder layer
+    compile_backend: str = "inductor"
+    peak_tflops: float | None = None  # the device's peak for MFU; None = look the GPU up (no MFU on CPU)
 
 
     def validate(self):
         if self.keep_last_n < 1:
             raise ConfigError(f"keep_last_n must be >= 1 (the newest checkpoint is always kept), got {self.keep_last_n}")
+        if self.checkpoint_every < 1:
+            raise ConfigError(f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
         if self.dist_timeout_s < 1:
             raise ConfigError(f"dist_timeout_s must be >= 1, got {self.dist_timeout_s}")
 

@@ -26,9 +26,11 @@ from mllm.train.distributed import all_reduce, all_reduce_tensor, world_size
 class LMObjective:
     name = "lm"
 
-    def __init__(self, model: MLLMForConditionalGeneration, processor: MLLMProcessor, max_length: int, stage=None):
+    def __init__(self, model: MLLMForConditionalGeneration, processor: MLLMProcessor, max_length: int, stage=None,
+                 fused_loss: bool = False):
         self.model, self.processor, self.max_length = model, processor, max_length
         self.module: nn.Module = model
+        self.fused_loss = fused_loss
         self._aux_sums: dict[str, float] = {}
         self._aux_batches = 0
 
@@ -59,8 +61,12 @@ class LMObjective:
     def loss(self, engine, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(summed target-token loss, the MoE auxiliary loss of this micro-batch or None)."""
         labels = batch.pop("labels")
-        out = engine(**batch)
-        total, _ = causal_lm_loss_sum(out.logits, labels)
+        if self.fused_loss:  # chunked lm_head + cross-entropy inside the model: no [tokens, vocab] logits
+            out = engine(**batch, labels=labels, fused_loss=True, use_cache=False)
+            total = out.loss_sum
+        else:
+            out = engine(**batch, use_cache=False)  # training: no KV cache to build
+            total, _ = causal_lm_loss_sum(out.logits, labels)
         if out.aux_loss is not None:  # accumulate the layer-mean of each unweighted term for logging
             blocks = moe_blocks(self.model)
             for _, block in blocks:
@@ -85,6 +91,14 @@ class LMObjective:
 
     def tokens(self, batch: dict) -> int:
         return int(batch["attention_mask"].sum())
+
+    def flops(self, batch: dict) -> float:
+        """Training FLOPs of this micro-batch (vision tower + projector + LLM; attention on real pairs)."""
+        from mllm.train.flops import batch_flops
+
+        pixels = batch.get("pixel_values")
+        return batch_flops(self.model.config, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           num_images=0 if pixels is None else int(pixels.shape[0])).training
 
     def trained_state(self) -> dict:
         return self.model.state_dict()
@@ -147,6 +161,9 @@ class ContrastiveObjective:
     def metrics(self) -> dict:
         return {}
 
+    def flops(self, batch: dict) -> float | None:
+        return None  # not accounted (stage 0 trains the tower alone)
+
     def tokens(self, batch: dict) -> int:
         return int(batch["pixel_values"].shape[0])
 
@@ -157,7 +174,9 @@ class ContrastiveObjective:
 OBJECTIVES = {"lm": LMObjective, "contrastive": ContrastiveObjective}
 
 
-def build_objective(name: str, model, processor, max_length: int, stage):
+def build_objective(name: str, model, processor, max_length: int, stage, fused_loss: bool = False):
     if name not in OBJECTIVES:
         raise ValueError(f"unknown objective {name!r}; valid: {', '.join(OBJECTIVES)}")
+    if name == "lm":
+        return LMObjective(model, processor, max_length, stage, fused_loss=fused_loss)
     return OBJECTIVES[name](model, processor, max_length, stage)

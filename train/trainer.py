@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,6 +24,7 @@ from mllm.schema import ConfigError, dump_yaml
 from mllm.train import checkpoint as ckpt
 from mllm.train.config import RunConfig, StageSpec
 from mllm.train.distributed import DistInfo, all_reduce, barrier, init_distributed
+from mllm.train.memory import apply_activation_checkpointing, compile_decoder_layers
 from mllm.train.metrics import MetricsLogger, plot_losses
 from mllm.train.objectives import build_objective
 from mllm.train.engine import build_engine, gathered_state_dict
@@ -154,6 +156,24 @@ def build_stage_model(cfg: RunConfig, index: int, init_from: Path | None):
     return model, processor
 
 
+def prepare_for_training(model, cfg: RunConfig, info: DistInfo) -> None:
+    """Training-only changes that keep the checkpoint layout: fused kernels, activation checkpointing,
+    torch.compile (the saved model folder and the eval use the stock modules)."""
+    kernels = cfg.model.kernels
+    if kernels.module_ops:
+        from mllm.fused import apply_fused_kernels
+
+        report = apply_fused_kernels(model, kernels.module_ops, backend=kernels.backend)
+        if info.is_main:
+            logger.info("fused kernels (%s backend): %s", kernels.backend,
+                        {op: len(v) for op, v in report.items() if op != "skipped"} | {"skipped": report["skipped"]})
+    wrapped = apply_activation_checkpointing(model, cfg.run.activation_checkpointing, cfg.run.checkpoint_every)
+    if wrapped and info.is_main:
+        logger.info("activation checkpointing (%s): %d modules", cfg.run.activation_checkpointing, len(wrapped))
+    if cfg.run.compile:
+        compile_decoder_layers(model, cfg.run.compile_backend)
+
+
 def apply_transformations(model, stage: StageSpec, seed: int) -> list[int]:
     """A stage's declared model transformations (today: `upcycle`); returns the converted layers."""
     if stage.upcycle is None:
@@ -191,7 +211,9 @@ def train_stage(cfg: RunConfig, index: int, init_from: Path | None, info: DistIn
     folder = stage_dir(cfg, index)
     torch.manual_seed(cfg.run.seed + index)
     model, processor = build_stage_model(cfg, index, init_from)
-    objective = build_objective(stage.objective, model, processor, cfg.data.max_length, stage)
+    prepare_for_training(model, cfg, info)
+    objective = build_objective(stage.objective, model, processor, cfg.data.max_length, stage,
+                                fused_loss=cfg.model.kernels.fused_cross_entropy)
     groups = apply_trainable(objective.module, stage)
     if info.is_main:
         logger.info("stage %d (%s): %s\n%s", index, stage.name, stage.objective, param_table(objective.module))
@@ -216,18 +238,22 @@ def train_stage(cfg: RunConfig, index: int, init_from: Path | None, info: DistIn
     progress = make_progress(info, stage, step, last_step)
     while step < last_step:
         started = time.perf_counter()
-        loss, tokens, skipped, norm = train_step(engine, objective, loader, guard, cfg.run.on_nonfinite, step + 1)
+        result = train_step(engine, objective, loader, guard, cfg.run.on_nonfinite, step + 1)
         step += 1
         elapsed = time.perf_counter() - started
         if heartbeat is not None:
             heartbeat.beat(stage.name, step)
-        record = {"stage": stage.name, "step": step, "loss": loss, "lr": engine.get_lr()[0],
-                  "grad_norm": norm, "skipped": int(skipped),
-                  "tokens_per_s": all_reduce(tokens) / elapsed, "samples": loader.position,
-                  "rejected": all_reduce(sum(loader.rejected.values()))}
+        record = {"stage": stage.name, "step": step, "loss": result.loss, "lr": engine.get_lr()[0],
+                  "grad_norm": result.grad_norm, "skipped": int(result.skipped),
+                  "tokens_per_s": all_reduce(result.tokens) / elapsed, "samples": loader.position,
+                  "rejected": all_reduce(sum(loader.rejected.values())),
+                  **throughput(result, elapsed, info, cfg.run.peak_tflops)}
         if progress is not None:
             progress.update(1)
-            progress.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+            postfix = {"loss": f"{result.loss:.4f}", "lr": f"{record['lr']:.2e}", "tok_s": f"{record['tokens_per_s']:.0f}"}
+            if record.get("mfu") is not None:
+                postfix["mfu"] = f"{record['mfu']:.1%}"
+            progress.set_postfix(postfix)
         if step % cfg.run.log_every == 0 or step == last_step:
             record.update(objective.metrics())  # collective on every rank (MoE load and losses)
             metrics.log(record, global_step=step)
@@ -252,13 +278,42 @@ def train_stage(cfg: RunConfig, index: int, init_from: Path | None, info: DistIn
     barrier()
 
 
-def train_step(engine, objective, loader: StageLoader, guard: NonFiniteGuard | None = None,
-               on_nonfinite: str = "stop", step: int = 0) -> tuple[float, int, bool, float | None]:
-    """One optimizer step over `grad_accum` micro-batches.
+@dataclass
+class StepResult:
+    loss: float  # global mean per target token (nan when skipped)
+    tokens: int  # this rank's tokens
+    skipped: bool  # non-finite somewhere: the optimizer step was vetoed
+    grad_norm: float | None  # global, before clipping
+    flops: float | None  # this rank's training FLOPs (None: not accounted for this objective)
+    data_s: float  # this rank's time waiting for the batch (load, decode, tokenize, collate)
 
-    Returns (global mean loss, this rank's tokens, whether the step was skipped as non-finite, the global
-    gradient norm before clipping)."""
+
+def throughput(result: StepResult, elapsed: float, info: DistInfo, peak_tflops: float | None) -> dict:
+    """Per-device TFLOP/s and MFU (model FLOPs from the architecture), peak memory, data-wait fraction."""
+    from mllm.train.flops import current_device_name, mfu
+
+    out = {"data_wait": result.data_s / elapsed}
+    if result.flops is not None:
+        flops_per_device = all_reduce(result.flops) / info.world_size / elapsed
+        out["tflops_per_device"] = flops_per_device / 1e12
+        out["mfu"] = mfu(flops_per_device, current_device_name(), peak_tflops)
+    if torch.cuda.is_available():
+        out["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    else:
+        import resource
+
+        out["peak_mem_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (process RSS)
+    return out
+
+
+def train_step(engine, objective, loader: StageLoader, guard: NonFiniteGuard | None = None,
+               on_nonfinite: str = "stop", step: int = 0) -> StepResult:
+    """One optimizer step over `grad_accum` micro-batches."""
+    data_started = time.perf_counter()
     micro_batches = loader.next_step()
+    data_s = time.perf_counter() - data_started
+    flops = [objective.flops(b) for b in micro_batches] if hasattr(objective, "flops") else [None]
+    flops = None if any(f is None for f in flops) else sum(flops)
     problem = loader.quality_problem()
     if all_reduce(1.0 if problem else 0.0, "max") > 0:
         raise DataQualityError(problem or "another rank rejected too many samples (see its log)")
@@ -294,7 +349,8 @@ def train_step(engine, objective, loader: StageLoader, guard: NonFiniteGuard | N
     if norm is None:
         norm = engine.get_global_grad_norm()
     norm = None if norm is None else float(norm)
-    return (float("nan") if skipped else all_reduce(total) / global_count), tokens, skipped, norm
+    loss = float("nan") if skipped else all_reduce(total) / global_count
+    return StepResult(loss, tokens, skipped, norm, flops, data_s)
 
 
 def handle_nonfinite(local: str | None, step: int, keys: list, on_nonfinite: str, loader, optimizer) -> bool:
