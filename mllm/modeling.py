@@ -120,6 +120,7 @@ class MLLMModel(MLLMPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         modality_ids: torch.LongTensor | None = None,
+        document_ids: torch.LongTensor | None = None,
         **kwargs,
     ):
         if (input_ids is None) == (inputs_embeds is None):
@@ -138,8 +139,12 @@ class MLLMModel(MLLMPreTrainedModel):
         prefill = cache is None or cache.get_seq_length() == 0
         if self.config.moe is not None:
             self.set_routing_context(input_ids, modality_ids, attention_mask, inputs_embeds)
+        if document_ids is not None and not self.config.uses_interval_attention:
+            raise ValueError("packed batches (document_ids) need the interval attention layout: set "
+                             "model.attention.backend to auto | triton | flex | reference (or mode mma); the "
+                             "backbone's own causal SDPA would let packed samples attend to each other")
         if self.config.uses_interval_attention and prefill:
-            kwargs.update(self.attention_layout_kwargs(input_ids, attention_mask, modality_ids))
+            kwargs.update(self.attention_layout_kwargs(input_ids, attention_mask, modality_ids, document_ids))
         outputs = self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
@@ -181,7 +186,7 @@ class MLLMModel(MLLMPreTrainedModel):
                 module.aux_loss = None
         return total
 
-    def attention_layout_kwargs(self, input_ids, attention_mask, modality_ids) -> dict:
+    def attention_layout_kwargs(self, input_ids, attention_mask, modality_ids, document_ids=None) -> dict:
         """The per-batch key windows every layer's attention reads (computed once, at prefill)."""
         from mllm.attention.layout import compute_layout
 
@@ -190,8 +195,10 @@ class MLLMModel(MLLMPreTrainedModel):
         attention = self.config.attention
         if modality_ids is None:
             modality_ids = (input_ids == self.config.image_token_id).long()
-        layout = compute_layout(attention_mask, modality_ids, input_ids == attention["assistant_token_id"],
-                                mode=attention.get("mode", "causal"))
+        assistant = attention.get("assistant_token_id")
+        layout = compute_layout(attention_mask, modality_ids,
+                                input_ids == assistant if assistant is not None else None,
+                                mode=attention.get("mode", "causal"), document_ids=document_ids)
         return {"attention_layout": layout, "attention_backend": attention.get("backend", "auto")}
 
 
@@ -243,6 +250,7 @@ class MLLMForConditionalGeneration(MLLMPreTrainedModel, GenerationMixin):
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         modality_ids: torch.LongTensor | None = None,
+        document_ids: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int = 0,
         past_key_values: Cache | None = None,
@@ -262,6 +270,7 @@ class MLLMForConditionalGeneration(MLLMPreTrainedModel, GenerationMixin):
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             modality_ids=modality_ids,
+            document_ids=document_ids,
             **kwargs,
         )
         hidden = outputs.last_hidden_state  # [B, T, D]

@@ -88,6 +88,10 @@ class EvalSpec:
 @dataclass
 class DataSpec:
     max_length: int = 512
+    # Pack several samples per row up to max_length (first-fit decreasing, never splitting a sample);
+    # documents are kept apart by the interval attention layout, so it needs model.attention with
+    # mode mma or a backend other than sdpa.
+    packing: bool = False
     max_bad_fraction: float = 0.05  # abort once more than this fraction of samples was rejected
     min_samples_before_abort: int = 100
 
@@ -138,6 +142,11 @@ class RunConfig:
         names = [s.name for s in self.stages]
         if len(set(names)) != len(names):
             raise ConfigError(f"stage names must be unique, got {names}")
+        attention = self.model.attention
+        if self.data.packing and attention.mode == "causal" and attention.backend == "sdpa":
+            raise ConfigError("data.packing needs the interval attention layout (documents must not see each "
+                              "other): set model.attention.backend to auto, triton, flex or reference, or use "
+                              "mode mma; the backbone's own causal SDPA has no document boundaries")
         upcycled = [s.name for s in self.stages if s.upcycle is not None]
         if self.model.moe is not None and upcycled:
             raise ConfigError(f"model.moe already builds MoE layers; stage(s) {upcycled} cannot upcycle them")

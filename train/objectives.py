@@ -15,6 +15,7 @@ import copy
 import torch
 from torch import nn
 
+from mllm.data.packing import collate_packed
 from mllm.data.sources import decode_image
 from mllm.modeling import MLLMForConditionalGeneration, causal_lm_loss_sum
 from mllm.processing import MLLMProcessor, SampleTooLongError, llava_to_messages, pad_rows
@@ -27,10 +28,11 @@ class LMObjective:
     name = "lm"
 
     def __init__(self, model: MLLMForConditionalGeneration, processor: MLLMProcessor, max_length: int, stage=None,
-                 fused_loss: bool = False):
+                 fused_loss: bool = False, packing: bool = False):
         self.model, self.processor, self.max_length = model, processor, max_length
         self.module: nn.Module = model
         self.fused_loss = fused_loss
+        self.packing = packing
         self._aux_sums: dict[str, float] = {}
         self._aux_batches = 0
 
@@ -44,6 +46,8 @@ class LMObjective:
         return sample
 
     def collate(self, samples: list[dict]) -> dict:
+        if self.packing:  # whole samples packed into rows of max_length; documents kept apart by the layout
+            return collate_packed(samples, self.max_length, self.processor.tokenizer.pad_token_id)
         batch = pad_rows([s["input_ids"] for s in samples], self.processor.tokenizer.pad_token_id, "right",
                          label_rows=[s["labels"] for s in samples])
         modality = pad_rows([s["modality_ids"] for s in samples], 0, "right")["input_ids"]
@@ -97,8 +101,14 @@ class LMObjective:
         from mllm.train.flops import batch_flops
 
         pixels = batch.get("pixel_values")
+        windows = {}
+        if "document_ids" in batch:  # packed rows: attention pairs stop at document boundaries
+            from mllm.attention.layout import compute_layout
+
+            layout = compute_layout(batch["attention_mask"], None, None, document_ids=batch["document_ids"])
+            windows = {"kv_start": layout.kv_start, "kv_end": layout.kv_end}
         return batch_flops(self.model.config, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                           num_images=0 if pixels is None else int(pixels.shape[0])).training
+                           num_images=0 if pixels is None else int(pixels.shape[0]), **windows).training
 
     def trained_state(self) -> dict:
         return self.model.state_dict()
@@ -174,9 +184,10 @@ class ContrastiveObjective:
 OBJECTIVES = {"lm": LMObjective, "contrastive": ContrastiveObjective}
 
 
-def build_objective(name: str, model, processor, max_length: int, stage, fused_loss: bool = False):
+def build_objective(name: str, model, processor, max_length: int, stage, fused_loss: bool = False,
+                    packing: bool = False):
     if name not in OBJECTIVES:
         raise ValueError(f"unknown objective {name!r}; valid: {', '.join(OBJECTIVES)}")
     if name == "lm":
-        return LMObjective(model, processor, max_length, stage, fused_loss=fused_loss)
+        return LMObjective(model, processor, max_length, stage, fused_loss=fused_loss, packing=packing)
     return OBJECTIVES[name](model, processor, max_length, stage)

@@ -213,7 +213,7 @@ def train_stage(cfg: RunConfig, index: int, init_from: Path | None, info: DistIn
     model, processor = build_stage_model(cfg, index, init_from)
     prepare_for_training(model, cfg, info)
     objective = build_objective(stage.objective, model, processor, cfg.data.max_length, stage,
-                                fused_loss=cfg.model.kernels.fused_cross_entropy)
+                                fused_loss=cfg.model.kernels.fused_cross_entropy, packing=cfg.data.packing)
     groups = apply_trainable(objective.module, stage)
     if info.is_main:
         logger.info("stage %d (%s): %s\n%s", index, stage.name, stage.objective, param_table(objective.module))
