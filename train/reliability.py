@@ -123,7 +123,9 @@ def config_diff(saved: dict, current: dict, committed_stages: int) -> list[str]:
         elif a != b:
             lines.append(f"{where}: {a!r} (checkpoint) != {b!r} (now)")
 
-    compare(saved.get("model"), current.get("model"), "model")
+    # Fused kernels are a runtime choice: the checkpoint layout is the stock one either way.
+    compare({k: v for k, v in (saved.get("model") or {}).items() if k != "kernels"},
+            {k: v for k, v in (current.get("model") or {}).items() if k != "kernels"}, "model")
     for key in ("seed", "dtype"):
         compare(saved.get("run", {}).get(key), current.get("run", {}).get(key), f"run.{key}")
     saved_stages, current_stages = saved.get("stages", []), current.get("stages", [])

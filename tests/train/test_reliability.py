@@ -179,10 +179,10 @@ def test_a_checkpoint_from_an_incompatible_config_is_refused_with_a_diff(world, 
     assert (full_run / "model" / "model.safetensors").exists()  # nothing touched
 
 
-def test_config_diff_allows_more_steps_and_ignores_stages_without_state():
-    saved = {"model": {"a": 1}, "run": {"seed": 0, "dtype": "fp32", "log_every": 10},
+def test_config_diff_allows_more_steps_kernel_switches_and_ignores_stages_without_state():
+    saved = {"model": {"a": 1, "kernels": {"rms_norm": False}}, "run": {"seed": 0, "dtype": "fp32", "log_every": 10},
              "stages": [{"name": "s0", "lr": 1.0, "steps": 5}, {"name": "s1", "lr": 2.0}]}
-    current = {"model": {"a": 1}, "run": {"seed": 0, "dtype": "fp32", "log_every": 1},
+    current = {"model": {"a": 1, "kernels": {"rms_norm": True}}, "run": {"seed": 0, "dtype": "fp32", "log_every": 1},
                "stages": [{"name": "s0", "lr": 1.0, "steps": 50}, {"name": "s1", "lr": 3.0}]}
     assert config_diff(saved, current, committed_stages=1) == []
     assert config_diff(saved, current, committed_stages=2) == ["stages[1].lr: 2.0 (checkpoint) != 3.0 (now)"]
