@@ -174,12 +174,13 @@ class MLLMModel(MLLMPreTrainedModel):
             valid = attention_mask[:, -seq:].bool()
         else:
             valid = torch.ones(batch, seq, dtype=torch.bool, device=inputs_embeds.device)
-        set_routing_context(self.routed_modules(), RoutingContext(modality, valid))
+        self._routed = self.routed_modules()  # one walk per forward; routing_aux_loss reads the same list
+        set_routing_context(self._routed, RoutingContext(modality, valid))
 
     def routing_aux_loss(self) -> torch.Tensor | None:
         """Sum of the MoE layers' weighted auxiliary losses from the last training forward (then cleared)."""
         total = None
-        for module in self.language_model.modules():
+        for module in getattr(self, "_routed", ()):
             loss = getattr(module, "aux_loss", None)
             if isinstance(loss, torch.Tensor):
                 total = loss if total is None else total + loss

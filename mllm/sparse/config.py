@@ -11,6 +11,7 @@ from typing import Literal
 from mllm.schema import ConfigError, from_dict, to_dict
 
 MODALITIES = ("text", "image")  # modality id 0 = text, 1 = image (the processor's modality_ids)
+NUM_MODALITIES = len(MODALITIES)
 
 
 @dataclass

@@ -16,12 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mllm.sparse.config import MoESpec
+from mllm.sparse.config import NUM_MODALITIES, MoESpec
 from mllm.sparse.experts import Experts, GatedMLP, check_gated_mlp
 from mllm.sparse.routing import (Routing, RoutingContext, capacity_slots, context_for, expert_choice,
                                  load_balancing_loss, router_logits, static_capacity, token_choice, z_loss)
 
-NUM_MODALITIES = 2
 
 
 class MoEBlock(nn.Module):

@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mllm.sparse.config import NUM_MODALITIES
 from mllm.sparse.experts import grouped_mm_supported
 from mllm.sparse.routing import RoutingContext, context_for
 
-NUM_MODALITIES = 2
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 NORMS = ("input_layernorm", "post_attention_layernorm")
 ATTENTION_NORMS = ("q_norm", "k_norm")  # Qwen3 / OLMo-2 per-head norms

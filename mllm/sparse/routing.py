@@ -43,14 +43,12 @@ def context_for(hidden: torch.Tensor, context: RoutingContext | None) -> tuple[t
 
 @dataclass
 class Routing:
-    """Token -> expert assignments. Token choice: `experts`/`weights` are [N, k]. Slot layouts (capacity,
-    expert choice) use `slot_token` [E, C] (token index per slot) and `slot_weight` [E, C] (0 = empty)."""
+    """Fixed-slot assignments (capacity, expert choice): `slot_token` [E, C] is the token index per slot,
+    `slot_weight` [E, C] its weight (0 = empty slot). Dropless token choice needs no slots."""
 
-    experts: torch.Tensor | None = None
-    weights: torch.Tensor | None = None
-    slot_token: torch.Tensor | None = None
-    slot_weight: torch.Tensor | None = None
-    kept: torch.Tensor | None = None  # [N] float: how many of the token's k assignments were computed
+    slot_token: torch.Tensor
+    slot_weight: torch.Tensor
+    kept: torch.Tensor  # [N] float: how many of the token's assignments were computed
 
 
 def router_logits(x: torch.Tensor, weight: torch.Tensor, allowed: torch.Tensor, jitter: float = 0.0,
