@@ -47,10 +47,15 @@ def _section_is_active(section) -> bool:
     return getattr(section, "enabled", True) is not False
 
 
-def check_llava_exportable(config: MLLMConfig, with_mma_remote_code: bool = False) -> None:
-    """Raise a ValueError naming every part of `config` that a Llava checkpoint cannot represent.
+# Sections the export's remote code (mllm/export/remote) computes exactly.
+REMOTE_SECTIONS = ("attention", "moe")
 
-    `with_mma_remote_code`: the attention section is carried by the MMA remote code beside the weights.
+
+def check_llava_exportable(config: MLLMConfig, remote_code: bool = False) -> None:
+    """Raise a ValueError naming every part of `config` that the export cannot represent.
+
+    `remote_code`: the export carries mllm's remote code, which computes the `REMOTE_SECTIONS` too;
+    otherwise it is a plain Llava checkpoint.
     """
     problems = []
     if config.projector_depth != LLAVA_PROJECTOR_DEPTH:
@@ -59,13 +64,14 @@ def check_llava_exportable(config: MLLMConfig, with_mma_remote_code: bool = Fals
             f"linear_2, i.e. depth {LLAVA_PROJECTOR_DEPTH}); train with projector.depth: 2 to export as Llava"
         )
     for name in EXTENSION_SECTIONS:
-        if name == "attention" and with_mma_remote_code:
+        if name in REMOTE_SECTIONS and remote_code:
             continue
         section = getattr(config, name, None)
         if _section_is_active(section):
             problems.append(
-                f"the {name!r} section is set ({section!r}); Llava has no {name} layers. Turn it off "
-                "(remove the section) to export a dense model, or export with remote code instead"
+                f"the {name!r} section is set ({section!r}); " + (
+                    f"a plain Llava checkpoint has no {name} layers: export with --format mllm (remote code)"
+                    if name in REMOTE_SECTIONS else f"the export cannot carry {name} layers yet")
             )
     if not isinstance(config.vision_feature_layer, int):
         problems.append(f"vision_feature_layer={config.vision_feature_layer!r} is not a single layer index")
@@ -100,10 +106,9 @@ def _hf_vision_tower(model: MLLMForConditionalGeneration) -> nn.Module:
     return tower
 
 
-def llava_config(config: MLLMConfig, vision_config: PreTrainedConfig,
-                 with_mma_remote_code: bool = False) -> LlavaConfig:
+def llava_config(config: MLLMConfig, vision_config: PreTrainedConfig, remote_code: bool = False) -> LlavaConfig:
     """The LlavaConfig of our model, given the (transformers-native) vision config of its tower."""
-    check_llava_exportable(config, with_mma_remote_code)
+    check_llava_exportable(config, remote_code)
     return LlavaConfig(
         vision_config=copy.deepcopy(vision_config).to_dict(),
         text_config=copy.deepcopy(config.text_config).to_dict(),
@@ -131,20 +136,28 @@ def _parts(model: MLLMForConditionalGeneration, vision_tower: nn.Module) -> dict
 
 
 def to_llava(model: MLLMForConditionalGeneration, share_weights: bool = False,
-             with_mma_remote_code: bool = False) -> LlavaForConditionalGeneration:
+             remote_code: bool = False) -> LlavaForConditionalGeneration:
     """A `LlavaForConditionalGeneration` (eval mode) computing exactly what `model` computes.
 
     Weights are copied (`share_weights=True` makes the Llava model use `model`'s tensors instead, which
     halves peak memory when `model` is discarded right after, as `export_model` does). The Llava model
     is built on the meta device and receives the tensors with a strict load, so a missing, extra or
     misshapen tensor is an error, never a silently random-initialised layer.
+
+    `remote_code`: the result will be saved with mllm's remote code, so the language model keeps its MoE
+    blocks (the remote model rebuilds them from `config.moe`).
     """
-    check_llava_exportable(model.config, with_mma_remote_code)
+    check_llava_exportable(model.config, remote_code)
     _check_no_lora(model)
     vision_tower = _hf_vision_tower(model)
-    config = llava_config(model.config, vision_tower.config, with_mma_remote_code)
+    config = llava_config(model.config, vision_tower.config, remote_code)
     with torch.device("meta"):
         llava = LlavaForConditionalGeneration(config)
+        if model.config.moe is not None:
+            from mllm.sparse.upcycle import build_moe_layers
+
+            std = getattr(model.config.text_config, "initializer_range", 0.02)
+            build_moe_layers(llava.model.language_model, model.config.moe, std)
 
     parts = _parts(model, vision_tower)
     state = {prefix + key: value for prefix, part in parts.items() for key, value in part.state_dict().items()}

@@ -42,6 +42,13 @@ class Experts(nn.Module):
         self.act_fn = act
         self.implementation = implementation
 
+    def forward(self, x: torch.Tensor, counts: torch.Tensor | None = None) -> torch.Tensor:
+        """`counts` given: dropless rows [M, D] grouped by expert; None: fixed slots [E, C, D].
+
+        Callers go through `forward` (not the methods below) so wrappers that reparametrise the
+        stacked weights, e.g. PEFT's LoRA on `target_parameters`, are in the path."""
+        return self.slots(x) if counts is None else self.dropless(x, counts)
+
     def dropless(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x_sorted [M, D] rows grouped by expert (counts [E] rows each, in order) -> [M, D]."""
         use_grouped = self.implementation == "grouped_mm" or (

@@ -114,13 +114,13 @@ class MoEBlock(nn.Module):
         order = flat_expert.argsort(stable=True)
         counts = torch.zeros(self.num_experts, dtype=torch.long, device=x.device).scatter_add_(
             0, flat_expert, torch.ones_like(flat_expert))  # scatter_add, not bincount: bincount syncs on CUDA
-        y = self.experts.dropless(x[order // k], counts)  # [N*k, D], sorted by expert
+        y = self.experts(x[order // k], counts)  # [N*k, D], sorted by expert
         y = y * weights.reshape(-1)[order, None].to(y.dtype)
         inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=x.device))
         return y[inverse].view(n, k, -1).sum(1)  # a fixed-order sum: deterministic, no atomics
 
     def _run_slots(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
-        y = self.experts.slots(x[routing.slot_token])  # [E, C, D]
+        y = self.experts(x[routing.slot_token])  # [E, C, D]
         y = y * routing.slot_weight[..., None].to(y.dtype)
         return torch.zeros_like(x).index_add_(0, routing.slot_token.reshape(-1), y.reshape(-1, x.shape[-1]))
 

@@ -178,7 +178,7 @@ def test_export_model_from_saved_folder_and_verify(tokenizer_dir, tmp_path):
     model, processor = build(tokenizer_dir, "clip-qwen2")
     model.save_pretrained(tmp_path / "run")
     processor.save_pretrained(tmp_path / "run")
-    out = export_model(tmp_path / "run", tmp_path / "export")
+    out = export_model(tmp_path / "run", tmp_path / "export", format="llava")
     assert verify_export(out, tmp_path / "run") < 1e-5
     assert_same_as_ours(model, processor, out)
 
@@ -187,7 +187,7 @@ def test_verify_export_detects_a_wrong_checkpoint(tokenizer_dir, tmp_path):
     model, processor = build(tokenizer_dir, "clip-qwen2")
     model.save_pretrained(tmp_path / "run")
     processor.save_pretrained(tmp_path / "run")
-    out = export_model(tmp_path / "run", tmp_path / "export")
+    out = export_model(tmp_path / "run", tmp_path / "export", format="llava")
     perturb(model, seed=1)
     model.save_pretrained(tmp_path / "run")
     with pytest.raises(ExportVerificationError, match="logits differ"):
@@ -199,7 +199,7 @@ def test_export_model_from_saved_open_clip_folder(tokenizer_dir, tmp_path):
     model, processor = build(tokenizer_dir, "open_clip-llama")
     model.save_pretrained(tmp_path / "run")
     processor.save_pretrained(tmp_path / "run")
-    out = export_model(tmp_path / "run", tmp_path / "export")
+    out = export_model(tmp_path / "run", tmp_path / "export", format="llava")
     assert verify_export(out, tmp_path / "run") < 1e-5
     assert_same_as_ours(model, processor, out)
 
@@ -277,7 +277,7 @@ def test_model_card_without_base_model_or_metrics(tmp_path):
     write_model_card(tmp_path, description="A tiny test model.")
     metadata, body = read_front_matter(tmp_path / "README.md")
     assert "base_model" not in metadata and metadata["pipeline_tag"] == "image-text-to-text"
-    assert "A tiny test model." in body and "## Metrics" not in body
+    assert "A tiny test model." in body and "## Evaluation" not in body
 
 
 # ----------------------------------------------------------------------------- (f): no overwrite
@@ -290,7 +290,7 @@ def test_existing_non_empty_folder_is_never_overwritten(tokenizer_dir, tmp_path)
     target = tmp_path / "export"
     target.mkdir()
     (target / "keep.txt").write_text("precious")
-    for call in (lambda: export_model(tmp_path / "run", target), lambda: save_as_llava(model, processor, target)):
+    for call in (lambda: export_model(tmp_path / "run", target, format="llava"), lambda: save_as_llava(model, processor, target)):
         with pytest.raises(FileExistsError, match=str(target)):
             call()
     assert [p.name for p in target.iterdir()] == ["keep.txt"]

@@ -33,7 +33,7 @@ def test_mma_export_matches_our_model(tokenizer_dir, tmp_path):
     processor.save_pretrained(tmp_path / "model")
     out = export_model(tmp_path / "model", tmp_path / "export")
     config = json.loads((out / "config.json").read_text())
-    assert config["model_type"] == "mllm_mma_llava" and config["mma_mode"] == "mma"
+    assert config["model_type"] == "mllm_llava" and config["mma_mode"] == "mma"
     for name in ("modeling_mllm_llava.py", "configuration_mllm_llava.py", "mma_layout.py"):
         imports = re.findall(r"^\s*(?:from|import)\s+([\w.]+)", (out / name).read_text(), re.M)
         assert {i.split(".")[0] for i in imports} <= {"torch", "transformers", "huggingface_hub", "dataclasses",

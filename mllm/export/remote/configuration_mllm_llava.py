@@ -1,14 +1,21 @@
-"""Config of a Llava checkpoint trained with modality-mutual attention (written by `mllm export`)."""
+"""Config of an mllm export: a Llava checkpoint plus the mllm extensions it was trained with.
+
+Written by `mllm export`; loaded with `trust_remote_code=True`. All extension fields unset is exactly
+transformers' Llava.
+"""
 
 from huggingface_hub.dataclasses import strict
 from transformers import LlavaConfig
 
 
 @strict
-class MMALlavaConfig(LlavaConfig):
-    model_type = "mllm_mma_llava"
+class MLLMLlavaConfig(LlavaConfig):
+    model_type = "mllm_llava"
 
-    # mma: image tokens also see the user text after them (up to the assistant turn) at prefill.
-    mma_mode: str = "mma"
+    # Modality-mutual attention at prefill: "mma" lets image tokens also see the user text after them
+    # (up to the assistant turn); None or "causal" is Llava's causal attention.
+    mma_mode: str | None = None
     # The token that opens an assistant turn: the end of the question image tokens may see.
     mma_assistant_token_id: int | None = None
+    # Modality-aware MoE / MoT / attention experts in the decoder (mllm's MoESpec as a dict); None = dense.
+    moe: dict | None = None

@@ -1,8 +1,14 @@
-"""transformers' Llava plus modality-mutual attention (MMA) at prefill (written by `mllm export`).
+"""transformers' Llava plus the mllm extensions an exported model was trained with (written by `mllm export`).
 
-The weights are a plain Llava checkpoint. The only difference is the language model's attention at
-prefill: image tokens also attend to the question that follows them, up to the assistant turn, and
-each image span is bidirectional. Decode steps are plain causal over the cache, as in training.
+The weights are a Llava checkpoint; the language model's decoder layers may additionally hold
+modality-aware MoE blocks (and MoT / attention-expert projections), rebuilt here from `config.moe` by the
+same code that trained them (the `sparse_*.py` siblings are mllm's own files with their imports made
+relative). Modality comes from the input ids: image positions are exactly the image tokens, which also
+holds for cached decoding, where only new text tokens arrive.
+
+With `mma_mode` the language model's attention at prefill lets image tokens also attend to the question
+that follows them, up to the assistant turn, and each image span is bidirectional; decode steps are plain
+causal over the cache, as in training.
 """
 
 import torch
@@ -11,8 +17,10 @@ from transformers.conversion_mapping import get_checkpoint_conversion_mapping, r
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from .configuration_mllm_llava import MMALlavaConfig
+from .configuration_mllm_llava import MLLMLlavaConfig
 from .mma_layout import compute_layout, dense_mask
+from .sparse_routing import RoutingContext, set_routing_context
+from .sparse_upcycle import build_moe_layers
 
 IMPLEMENTATION = "mllm_mma_sdpa"
 
@@ -38,26 +46,45 @@ AttentionMaskInterface.register(IMPLEMENTATION, sdpa_mask)
 
 
 # The weights are saved in Llava's layout (transformers renames some keys on save); load them the same way.
-register_checkpoint_conversion_mapping(MMALlavaConfig.model_type, get_checkpoint_conversion_mapping("llava"),
+register_checkpoint_conversion_mapping(MLLMLlavaConfig.model_type, get_checkpoint_conversion_mapping("llava"),
                                        overwrite=True)
 
 
-class MMALlavaForConditionalGeneration(LlavaForConditionalGeneration):
-    config_class = MMALlavaConfig
+class MLLMLlavaForConditionalGeneration(LlavaForConditionalGeneration):
+    config_class = MLLMLlavaConfig
+    # ZeRO-3 must gather an MoE block's parameters as one unit (ranks route tokens to different experts).
+    zero3_leaf_modules = ("MoEBlock",)
 
-    def __init__(self, config: MMALlavaConfig):
+    def __init__(self, config: MLLMLlavaConfig):
         super().__init__(config)
-        # Attention layers read the implementation name from the (shared) text config at call time.
-        self.config.text_config._attn_implementation = IMPLEMENTATION
+        if self.uses_mma:
+            # Attention layers read the implementation name from the (shared) text config at call time.
+            self.config.text_config._attn_implementation = IMPLEMENTATION
+        if config.moe is not None:
+            std = getattr(config.text_config, "initializer_range", 0.02)
+            build_moe_layers(self.model.language_model, config.moe, std)
+        self._routed = [m for m in self.model.language_model.modules() if hasattr(m, "routing_context")]
+
+    @property
+    def uses_mma(self) -> bool:
+        return self.config.mma_mode not in (None, "causal")
 
     def forward(self, input_ids=None, pixel_values=None, attention_mask=None, cache=None, **kwargs):
         cache = cache if cache is not None else kwargs.pop("past_key_values", None)
-        if input_ids is not None and (cache is None or cache.get_seq_length() == 0):
+        prefill = cache is None or cache.get_seq_length() == 0
+        if input_ids is not None and self.uses_mma and prefill:
             kwargs["attention_layout"] = compute_layout(
                 attention_mask,
                 (input_ids == self.config.image_token_id).long(),
                 input_ids == self.config.mma_assistant_token_id,
                 mode=self.config.mma_mode,
             )
+        if self._routed:
+            if input_ids is None:
+                raise ValueError("an MoE export routes by modality and needs input_ids (not inputs_embeds)")
+            seq = input_ids.shape[1]
+            modality = (input_ids == self.config.image_token_id).long()  # [B, T]
+            valid = attention_mask[:, -seq:].bool() if attention_mask is not None else torch.ones_like(modality).bool()
+            set_routing_context(self._routed, RoutingContext(modality, valid))
         return super().forward(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
                                cache=cache, **kwargs)

@@ -1,0 +1,97 @@
+"""The flat remote-code files written beside an mllm export (loaded with `trust_remote_code=True`).
+
+transformers imports remote code from the checkpoint folder as flat sibling files and refuses files that
+import packages the user lacks, so nothing here may import `mllm`, open_clip or triton. The two
+entry files (`mllm/export/remote/`) are written for the export; everything they compute with is mllm's
+own source, copied at export time with its `mllm.*` imports rewritten to sibling-relative ones, so the
+exported model runs the code that trained it (one source, no hand-kept twin):
+
+    mllm/attention/layout.py   -> mma_layout.py
+    mllm/schema.py             -> mllm_schema.py
+    mllm/sparse/<name>.py      -> sparse_<name>.py
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+ENTRY_FILES = ("configuration_mllm_llava.py", "modeling_mllm_llava.py")
+SPARSE_MODULES = ("config", "routing", "experts", "moe", "mot", "attention_experts", "upcycle")
+MODEL_TYPE = "mllm_llava"
+ARCHITECTURE = "MLLMLlavaForConditionalGeneration"
+AUTO_MAP = {
+    "AutoConfig": "configuration_mllm_llava.MLLMLlavaConfig",
+    "AutoModelForImageTextToText": "modeling_mllm_llava.MLLMLlavaForConditionalGeneration",
+}
+# The only top-level packages remote files may import (besides the standard library): transformers
+# installs huggingface_hub and pyyaml itself.
+ALLOWED_PACKAGES = {"torch", "transformers", "huggingface_hub", "yaml"}
+
+_IMPORT = re.compile(r"^(\s*)from\s+mllm\.(sparse\.(\w+)|schema|attention\.layout)\s+import\s", re.M)
+_ANY_MLLM_IMPORT = re.compile(r"^\s*(?:from|import)\s+mllm\b.*$", re.M)
+
+
+def _sources() -> dict[str, Path]:
+    """Exported file name -> the mllm source file it is copied from."""
+    root = Path(__file__).resolve().parents[1]  # the mllm package
+    sources = {name: root / "export" / "remote" / name for name in ENTRY_FILES}
+    sources["mma_layout.py"] = root / "attention" / "layout.py"
+    sources["mllm_schema.py"] = root / "schema.py"
+    sources.update({f"sparse_{m}.py": root / "sparse" / f"{m}.py" for m in SPARSE_MODULES})
+    return sources
+
+
+def _relative(match: re.Match) -> str:
+    indent, target, sparse_module = match.group(1), match.group(2), match.group(3)
+    if sparse_module is not None:
+        if sparse_module not in SPARSE_MODULES:
+            raise RuntimeError(f"mllm.sparse.{sparse_module} is imported by exported code but not exported; add it "
+                               "to SPARSE_MODULES in mllm/export/remote_code.py")
+        name = f"sparse_{sparse_module}"
+    else:
+        name = {"schema": "mllm_schema", "attention.layout": "mma_layout"}[target]
+    return f"{indent}from .{name} import "
+
+
+def flatten_imports(source: str, where: str) -> str:
+    """`from mllm.sparse.moe import X` -> `from .sparse_moe import X`; any other mllm import is an error."""
+    text = _IMPORT.sub(_relative, source)
+    left = _ANY_MLLM_IMPORT.search(text)
+    if left is not None:
+        raise RuntimeError(f"{where}: {left.group(0).strip()!r} cannot be flattened into remote code; exported "
+                           "files may import only torch, transformers and each other")
+    return text
+
+
+def imported_packages(source: str) -> set[str]:
+    """Top-level names of the absolute imports in `source` (relative imports excluded)."""
+    names = re.findall(r"^\s*(?:from\s+(\w+)[\w.]*\s+import|import\s+(\w+))", source, re.M)
+    return {a or b for a, b in names}
+
+
+def write_remote_code(folder: Path, *, mma_mode: str | None = None, mma_assistant_token_id: int | None = None,
+                      moe: dict | None = None) -> None:
+    """Copy the remote-code files into a saved Llava folder and point config.json's Auto classes at them."""
+    import sys
+
+    folder = Path(folder)
+    stdlib = set(sys.stdlib_module_names) | {"__future__"}
+    for name, source in _sources().items():
+        text = flatten_imports(source.read_text(), str(source))
+        foreign = imported_packages(text) - ALLOWED_PACKAGES - stdlib
+        if foreign:
+            raise RuntimeError(f"{source} imports {sorted(foreign)}; exported remote code may import only "
+                               f"{sorted(ALLOWED_PACKAGES)} and the standard library")
+        (folder / name).write_text(text)
+    config_path = folder / "config.json"
+    config = json.loads(config_path.read_text())
+    config.update(model_type=MODEL_TYPE, architectures=[ARCHITECTURE], auto_map=AUTO_MAP, mma_mode=mma_mode,
+                  mma_assistant_token_id=mma_assistant_token_id, moe=moe)
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
+
+
+def has_remote_code(folder) -> bool:
+    """True for exports that need `trust_remote_code=True`."""
+    return (Path(folder) / "modeling_mllm_llava.py").is_file()
