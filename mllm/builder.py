@@ -103,6 +103,20 @@ class ModelSpec:
     attention: AttentionSpec = field(default_factory=AttentionSpec)
     moe: MoESpec | None = None  # an MoE model from scratch; a stage's `upcycle:` converts a trained one
     kernels: KernelsSpec = field(default_factory=KernelsSpec)
+    # Start from a trained model instead of building one: a run folder, its `model/` folder, or an
+    # `mllm export` folder. The saved config is used as is, so the sections above must stay unset
+    # (`kernels` still applies: it only changes how training computes).
+    init_from: str | None = None
+
+    def validate(self):
+        if self.init_from is None:
+            return
+        defaults = ModelSpec()
+        given = [name for name in ("vision", "projector", "text", "tokenizer", "attention", "moe")
+                 if getattr(self, name) != getattr(defaults, name)]
+        if given:
+            raise ConfigError(f"init_from loads the saved model with its own config; remove model.{given[0]} "
+                              f"(set: {', '.join(given)})")
 
 
 def vision_config_from_spec(spec: VisionSpec) -> PreTrainedConfig:
@@ -166,8 +180,35 @@ def attention_config(spec: AttentionSpec, tokenizer) -> dict | None:
     return {"mode": spec.mode, "backend": spec.backend, "assistant_token_id": assistant}
 
 
+def load_trained(path: str, dtype: torch.dtype = torch.float32):
+    """Model + processor from a run folder, a saved model folder, or an `mllm export` folder."""
+    import json
+    from pathlib import Path
+
+    folder = Path(path)
+    if (folder / "model" / "config.json").is_file():  # a run folder
+        folder = folder / "model"
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise ConfigError(f"model.init_from {path}: no config.json there (nor in {path}/model); give a run folder, "
+                          "its model/ folder or an mllm export folder")
+    model_type = json.loads(config_file.read_text()).get("model_type")
+    if model_type == MLLMConfig.model_type:
+        model = MLLMForConditionalGeneration.from_pretrained(folder, dtype=dtype)
+        return model, MLLMProcessor.from_pretrained(folder)
+    from mllm.export.from_llava import is_llava_export, load_llava_as_mllm
+
+    if is_llava_export(folder):
+        return load_llava_as_mllm(folder, dtype=dtype)
+    raise ConfigError(f"model.init_from {path}: config.json has model_type {model_type!r}; expected an mllm model "
+                      "(model_type mllm) or an mllm / Llava export")
+
+
 def build_model_and_processor(spec: ModelSpec, dtype: torch.dtype = torch.float32):
-    """Build model + processor, loading any pretrained tower / backbone weights the spec names."""
+    """Build model + processor, loading any pretrained tower / backbone weights the spec names
+    (or the whole trained model, for `init_from`)."""
+    if spec.init_from is not None:
+        return load_trained(spec.init_from, dtype)
     tokenizer_name = spec.tokenizer or spec.text.name
     if tokenizer_name is None:
         raise ConfigError("model.tokenizer is required when the backbone is built from a config")

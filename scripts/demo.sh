@@ -27,7 +27,7 @@ fi
 
 echo "[demo] 4/5 exporting to $RUN/export (loads with plain transformers)"
 rm -rf "$RUN/export"
-mllm export --model "$RUN/model" --out "$RUN/export" --eval-report "$RUN/eval.json"
+mllm export "$RUN" "$RUN/export"  # the run's eval.json and recipe go into the model card
 
 echo "[demo] 5/5 reloading the export with transformers only and asking a question"
 python scripts/demo_summary.py --run "$RUN" --data "$DATA" --started "$START"

@@ -22,7 +22,7 @@ EXAMPLES = """examples:
   mllm train configs/recipes/llava15_7b.yaml --dry-run  # resolve + validate, build a tiny stand-in
   mllm eval --model runs/demo/model --data 'data/demo/wds/heldout-vqa-*.tar'
   mllm generate --model runs/demo/model --image img.png --prompt "What color is the circle?"
-  mllm export --model runs/demo/model --out exports/demo
+  mllm export runs/demo exports/demo --push-to-hub me/demo-vlm --private
 """
 
 
@@ -65,11 +65,33 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--max-new-tokens", type=int, default=32)
 
-    exp = sub.add_parser("export", help="export to a folder that loads with plain transformers")
-    exp.add_argument("--model", required=True)
-    exp.add_argument("--out", required=True)
-    exp.add_argument("--shard-size", default="2GB", help="max safetensors shard size")
-    exp.add_argument("--eval-report", default=None, help="eval JSON (from mllm eval --out) for the model card")
+    exp = sub.add_parser(
+        "export", help="export to a folder that loads with torch + transformers alone (and push it to the hub)",
+        description="SOURCE: a run folder, a saved model folder (run/model), a training checkpoint of any ZeRO "
+                    "stage (run/stageN-x/checkpoints/step-N), a stage's final/ folder, or a LoRA adapter folder "
+                    "(with --merge-lora; its base from --base or adapter_config.json).")
+    exp.add_argument("source", nargs="?", help="what to export (see above)")
+    exp.add_argument("out_dir", nargs="?", help="the export folder (must not exist or be empty)")
+    exp.add_argument("--model", dest="source_flag", help=argparse.SUPPRESS)  # the 0.1 spelling
+    exp.add_argument("--out", dest="out_flag", help=argparse.SUPPRESS)
+    exp.add_argument("--format", choices=["mllm", "llava"], default="mllm",
+                     help="mllm: Llava weights + flat remote code (MMA, MoE; trust_remote_code=True). "
+                          "llava: plain transformers Llava (dense causal models only)")
+    exp.add_argument("--merge-lora", action="store_true", help="merge a LoRA adapter (or a LoRA checkpoint) first")
+    exp.add_argument("--base", default=None, help="base model of a LoRA adapter (overrides adapter_config.json)")
+    exp.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="cast the saved weights")
+    exp.add_argument("--max-shard-size", "--shard-size", dest="shard_size", default="2GB",
+                     help="max safetensors shard size")
+    exp.add_argument("--eval-report", default=None, help="eval JSON (mllm eval --out) for the model card; a run "
+                                                          "folder's eval.json is used by default")
+    exp.add_argument("--base-model", default=None, help="hub id of the base model, for the model card")
+    exp.add_argument("--license", default=None, help="license id for the model card, e.g. apache-2.0")
+    exp.add_argument("--dataset", action="append", default=None, help="hub dataset id for the card (repeatable)")
+    exp.add_argument("--no-verify", action="store_true", help="skip reloading the export and comparing logits")
+    exp.add_argument("--push-to-hub", metavar="REPO_ID", default=None, help="upload the export to this hub repo")
+    exp.add_argument("--private", action="store_true", help="create the hub repo private")
+    exp.add_argument("--revision", default=None, help="hub branch to push to (created if missing)")
+    exp.add_argument("--create-pr", action="store_true", help="open a pull request instead of pushing to the branch")
     return parser
 
 
@@ -130,10 +152,26 @@ def cmd_generate(args) -> None:
 
 
 def cmd_export(args) -> None:
-    from mllm.export import export_model
+    from mllm.export import export_model, verify_export
+    from mllm.export.inputs import load_export_source
 
+    source, out_dir = args.source or args.source_flag, args.out_dir or args.out_flag
+    if not source or not out_dir:
+        raise SystemExit("mllm export: give SOURCE and OUT_DIR, e.g. mllm export runs/demo exports/demo")
     metrics = json.loads(Path(args.eval_report).read_text()) if args.eval_report else None
-    print(f"exported to {export_model(args.model, args.out, max_shard_size=args.shard_size, metrics=metrics)}")
+    loaded = load_export_source(source, base=args.base, merge_lora=args.merge_lora)
+    out = export_model(loaded, out_dir, max_shard_size=args.shard_size, metrics=metrics, format=args.format,
+                       dtype=args.dtype, base_model=args.base_model, datasets=args.dataset, license=args.license)
+    print(f"exported to {out}")
+    if not args.no_verify:
+        diff = verify_export(out, (loaded.model, loaded.processor))
+        print(f"verified: reloaded with transformers, max |logit diff| {diff:.2e}")
+    if args.push_to_hub:
+        from mllm.export.hub import push_to_hub
+
+        url = push_to_hub(out, args.push_to_hub, private=args.private, revision=args.revision,
+                          create_pr=args.create_pr)
+        print(f"pushed to {url}")
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "export": cmd_export}
@@ -174,9 +212,15 @@ def main(argv: list[str] | None = None) -> int:
     from mllm.train.reliability import NonFiniteLossError
 
     handler = cmd_data_synth if args.command == "data" else COMMANDS[args.command]
+    user_errors = (ConfigError, FileNotFoundError, DataQualityError, NonFiniteLossError)
+    if args.command == "export":  # an unexportable model, an occupied target, a failed push or check
+        from mllm.export import ExportVerificationError
+        from mllm.export.hub import HubPushError
+
+        user_errors += (ValueError, FileExistsError, ExportVerificationError, HubPushError)
     try:
         handler(args)
-    except (ConfigError, FileNotFoundError, DataQualityError, NonFiniteLossError) as e:
+    except user_errors as e:
         print(f"mllm {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -13,7 +13,7 @@ from typing import Literal
 from mllm.builder import ModelSpec
 from mllm.schema import ConfigError, apply_overrides, from_dict, load_yaml
 from mllm.sparse.config import UpcycleSpec
-
+from mllm.train.lora import PeftSpec
 
 
 @dataclass
@@ -65,12 +65,17 @@ class StageSpec:
     # Transformation applied to the model when the stage starts (after loading the previous stage's
     # weights): `upcycle` turns the dense FFNs into MoE blocks whose experts copy them.
     upcycle: UpcycleSpec | None = None
+    # LoRA / DoRA adapters (PEFT) on the language model; the stage then trains the adapters and
+    # `peft.modules_to_save` (plus any `trainable` globs, which may be left out).
+    peft: PeftSpec | None = None
 
     def validate(self):
         if not self.data:
             raise ConfigError(f"stage {self.name!r} has no data sources")
-        if not self.trainable:
-            raise ConfigError(f"stage {self.name!r} has no trainable parameter groups")
+        if not self.trainable and self.peft is None:
+            raise ConfigError(f"stage {self.name!r} has no trainable parameter groups (and no peft section)")
+        if self.peft is not None and self.objective != "lm":
+            raise ConfigError(f"stage {self.name!r}: peft applies to the lm objective, not {self.objective!r}")
         for name, value in (("steps", self.steps), ("micro_batch_size", self.micro_batch_size),
                             ("grad_accum", self.grad_accum)):
             if value < 1:

@@ -11,7 +11,13 @@ from mllm.schema import ConfigError
 
 
 def apply_trainable(module: nn.Module, stage) -> list[dict]:
-    """Set `requires_grad` from the stage's groups; returns optimizer param groups (first match wins)."""
+    """Set `requires_grad` from the stage's groups; returns optimizer param groups (first match wins).
+
+    A PEFT stage without `trainable` globs trains what PEFT left trainable (adapters, modules_to_save)."""
+    if not stage.trainable and getattr(stage, "peft", None) is not None:
+        params = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        return [{"params": [p for _, p in params], "names": [n for n, _ in params], "lr": stage.lr,
+                 "weight_decay": stage.weight_decay}]
     groups = [{"params": [], "names": [], "lr": g.lr if g.lr is not None else stage.lr,
                "weight_decay": g.weight_decay if g.weight_decay is not None else stage.weight_decay}
               for g in stage.trainable]

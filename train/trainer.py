@@ -149,10 +149,15 @@ def build_stage_model(cfg: RunConfig, index: int, init_from: Path | None):
     if init_from is not None:
         ckpt.load_weights(model, init_from)
     if index < len(cfg.stages):
-        layers = apply_transformations(model, cfg.stages[index], cfg.run.seed + index)
+        stage = cfg.stages[index]
+        layers = apply_transformations(model, stage, cfg.run.seed + index)
         if layers:
-            logger.info("stage %s: upcycled the FFNs of decoder layers %s into MoE blocks", cfg.stages[index].name,
-                        layers)
+            logger.info("stage %s: upcycled the FFNs of decoder layers %s into MoE blocks", stage.name, layers)
+        if stage.peft is not None:  # earlier PEFT stages need nothing: their final/ holds merged weights
+            from mllm.train.lora import apply_peft
+
+            torch.manual_seed(cfg.run.seed + index)  # the adapters' init
+            model = apply_peft(model, stage.peft)
     return model, processor
 
 
@@ -181,6 +186,32 @@ def apply_transformations(model, stage: StageSpec, seed: int) -> list[int]:
     from mllm.sparse import upcycle
 
     return upcycle(model, stage.upcycle, seed=seed)
+
+
+def merge_adapters(cfg: RunConfig, index: int, state: dict, adapter_dir: Path, info: DistInfo) -> dict:
+    """A PEFT stage's result: rank 0 saves the adapter (atomically) and returns the merged base weights.
+
+    `state` is the gathered PeftModel state dict; the merge runs on a fresh CPU copy of the stage's model,
+    so it does not depend on how ZeRO partitioned the trained one."""
+    if not info.is_main:
+        return {}
+    import shutil
+
+    from mllm.train.lora import merged_and_adapter
+
+    fresh, _ = build_stage_model(cfg, index, None)
+    fresh.load_state_dict(state, strict=True)
+    # What the adapter applies to: the previous stage's result, or the model the recipe started from.
+    base = stage_dir(cfg, index - 1) / "final" if index > 0 else cfg.model.init_from
+    fresh.peft_config["default"].base_model_name_or_path = None if base is None else str(Path(base).resolve())
+    tmp = adapter_dir.with_name(adapter_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    merged = merged_and_adapter(fresh, tmp)
+    shutil.rmtree(adapter_dir, ignore_errors=True)
+    tmp.rename(adapter_dir)
+    logger.info("stage %s: LoRA adapter saved to %s; final/ holds the merged weights", cfg.stages[index].name,
+                adapter_dir)
+    return merged
 
 
 def save_model_folder(cfg: RunConfig, weights: Path, folder: Path) -> None:
@@ -269,6 +300,8 @@ def train_stage(cfg: RunConfig, index: int, init_from: Path | None, info: DistIn
         progress.close()
     if step >= stage.steps:
         state = gathered_state_dict(engine, objective)
+        if stage.peft is not None:
+            state = merge_adapters(cfg, index, state, folder / "adapter", info)
         ckpt.save_weights(state, folder / "final", info, {"stage": stage.name, "steps": step,
                                                           "rejected": dict(loader.rejected)})
     else:  # stopped early on request (max_steps): checkpoint so a re-run continues from here

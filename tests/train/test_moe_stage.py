@@ -70,9 +70,11 @@ def test_eval_command_reports_expert_load_of_an_moe_model(world, moe_run, tmp_pa
     load = report["moe"]["expert_load"]
     assert len(load) == 2 and all(abs(sum(layer[1]) - 1) < 1e-6 for layer in load)
     assert (tmp_path / "expert_load.png").exists() and "expert load heatmap" in proc.stdout
-    # Exporting as plain Llava is refused with a message naming the section (issue: standalone export).
-    proc = mllm("export", "--model", str(moe_run / "model"), "--out", str(tmp_path / "export"), check=False)
-    assert proc.returncode != 0 and "'moe' section" in proc.stderr and not (tmp_path / "export").exists()
+    # The default export carries the MoE layers as remote code; plain Llava is refused, naming the section.
+    proc = mllm("export", str(moe_run), str(tmp_path / "export"))
+    assert "verified" in proc.stdout and json.loads((tmp_path / "export" / "config.json").read_text())["moe"]
+    proc = mllm("export", str(moe_run), str(tmp_path / "plain"), "--format", "llava", check=False)
+    assert proc.returncode == 2 and "'moe' section" in proc.stderr and not (tmp_path / "plain").exists()
 
 
 def test_resume_inside_the_moe_stage_reproduces_the_uninterrupted_run(world, moe_run):

@@ -233,13 +233,18 @@ def test_eval_generate_export_commands_on_a_trained_run(world, full_run, tmp_pat
     proc = mllm("generate", "--model", str(full_run / "model"), "--image", str(image),
                 "--prompt", "How many shapes are there?", "--max-new-tokens", "4")
     assert proc.returncode == 0
-    proc = mllm("export", "--model", str(full_run / "model"), "--out", str(tmp_path / "export"),
-                "--eval-report", str(report_path))
+    proc = mllm("export", str(full_run), str(tmp_path / "export"), "--eval-report", str(report_path))
+    assert "verified: reloaded with transformers" in proc.stdout
     from transformers import AutoModelForImageTextToText
 
-    exported = AutoModelForImageTextToText.from_pretrained(tmp_path / "export")
+    exported = AutoModelForImageTextToText.from_pretrained(tmp_path / "export", trust_remote_code=True)
+    assert type(exported).__name__ == "MLLMLlavaForConditionalGeneration"
+    card = (tmp_path / "export" / "README.md").read_text()
+    assert "pipeline_tag: image-text-to-text" in card and "## Training recipe" in card and "## Evaluation" in card
+    # The 0.1 spelling still works; --format llava writes a checkpoint that needs no remote code at all.
+    mllm("export", "--model", str(full_run / "model"), "--out", str(tmp_path / "plain"), "--format", "llava")
+    exported = AutoModelForImageTextToText.from_pretrained(tmp_path / "plain")
     assert type(exported).__name__ == "LlavaForConditionalGeneration"
-    assert "pipeline_tag: image-text-to-text" in (tmp_path / "export" / "README.md").read_text()
 
 
 def test_help_of_every_subcommand():
