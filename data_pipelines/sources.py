@@ -26,6 +26,7 @@ from pathlib import Path
 from PIL import Image
 
 from mllm.processing import SampleError
+from mllm.tokenizer import IMAGE_TOKEN
 
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
 # Everything PIL raises for bytes that are not a readable image (truncated files raise OSError,
@@ -199,6 +200,9 @@ class WebDatasetSource:
     def __getitem__(self, index: int) -> Record:
         return self.records[index]
 
+    def meta(self, index: int) -> dict:
+        return self.records[index].meta
+
     def __repr__(self) -> str:
         return f"WebDatasetSource(name={self.name!r}, shards={len(self.shards)}, records={len(self)})"
 
@@ -279,6 +283,9 @@ class LlavaJsonSource:
     def __len__(self) -> int:
         return len(self.entries)
 
+    def meta(self, index: int) -> dict:
+        return self.metas[index]
+
     def __getitem__(self, index: int) -> Record:
         meta = self.metas[index]
         image = self.entries[index].get("image")
@@ -296,14 +303,74 @@ class LlavaJsonSource:
         return f"LlavaJsonSource(name={self.name!r}, json={str(self.json_path)!r}, records={len(self)})"
 
 
+# --------------------------------------------------------------------------- question-type filter
+
+
+def keep_question_types(meta: dict, types: set[str]) -> dict | None:
+    """The record's conversation with only the question/answer pairs of `types` (None when none is left).
+
+    The `<image>` placeholders of dropped questions move to the first kept one, so the image stays in the
+    sample (LLaVA data puts it in the first human turn)."""
+    conversations, kinds = meta["conversations"], meta.get("question_types") or []
+    pairs = [conversations[i:i + 2] for i in range(0, len(conversations), 2)]
+    if len(pairs) != len(kinds) or any(len(p) != 2 or p[0]["from"] != "human" for p in pairs):
+        raise BadRecordError(f"record {meta['id']!r}: question_types {kinds} do not line up with its "
+                             f"{len(conversations)} conversation turns (human/gpt pairs); cannot filter by type")
+    kept = [pair for pair, kind in zip(pairs, kinds) if kind in types]
+    if not kept:
+        return None
+    images = sum(pair[0]["value"].count(IMAGE_TOKEN) for pair in pairs)
+    turns = []
+    for j, (human, answer) in enumerate(kept):
+        value = human["value"].replace(IMAGE_TOKEN + "\n", "").replace(IMAGE_TOKEN, "")
+        if j == 0:
+            value = (IMAGE_TOKEN + "\n") * images + value
+        turns += [{**human, "value": value}, dict(answer)]
+    return {**meta, "conversations": turns, "question_types": [k for k in kinds if k in types]}
+
+
+class QuestionTypeSource:
+    """A view of a source with only the question types asked for (e.g. to hold one out of a stage)."""
+
+    def __init__(self, source, types: list[str]):
+        self.source, self.types, self.name = source, set(types), source.name
+        self.problems = list(getattr(source, "problems", []))
+        self.index, self.metas = [], []
+        for i in range(len(source)):
+            meta = keep_question_types(source.meta(i), self.types)
+            if meta is not None:
+                self.index.append(i)
+                self.metas.append(meta)
+        if not self.index:
+            raise ValueError(f"source {self.name!r} has no question of type(s) {sorted(self.types)}")
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, index: int) -> Record:
+        record = self.source[self.index[index]]
+        return Record(key=record.key, image_bytes=record.image_bytes, meta=self.metas[index], source=record.source)
+
+    def meta(self, index: int) -> dict:
+        return self.metas[index]
+
+    def __repr__(self) -> str:
+        return f"QuestionTypeSource({self.source!r}, types={sorted(self.types)}, records={len(self)})"
+
+
 # --------------------------------------------------------------------------- factory
 
 SOURCE_TYPES = {"webdataset": WebDatasetSource, "llava_json": LlavaJsonSource}
-_SPEC_KEYS = {"webdataset": {"type", "path", "name"}, "llava_json": {"type", "path", "image_root", "name"}}
+_SPEC_KEYS = {"webdataset": {"type", "path", "name", "question_types"},
+              "llava_json": {"type", "path", "image_root", "name", "question_types"}}
 
 
-def open_source(spec: dict) -> WebDatasetSource | LlavaJsonSource:
-    """Build a source from a config dict: {"type": "webdataset" | "llava_json", "path": ..., ...}."""
+def open_source(spec: dict):
+    """Build a source from a config dict: {"type": "webdataset" | "llava_json", "path": ..., ...};
+    `question_types: [...]` keeps only those questions of each sample."""
+    if spec.get("question_types"):
+        return QuestionTypeSource(open_source({k: v for k, v in spec.items() if k != "question_types"}),
+                                  spec["question_types"])
     kind = spec.get("type")
     if kind not in SOURCE_TYPES:
         raise ValueError(f"unknown source type {kind!r}; valid types: {', '.join(SOURCE_TYPES)}")

@@ -22,6 +22,8 @@ class SourceSpec:
     path: str = ""
     image_root: str | None = None
     weight: float = 1.0
+    # Keep only these question types of each sample (e.g. hold one out of a stage); None keeps all.
+    question_types: list[str] | None = None
 
     def validate(self):
         if not self.path:
@@ -65,6 +67,9 @@ class StageSpec:
     # Transformation applied to the model when the stage starts (after loading the previous stage's
     # weights): `upcycle` turns the dense FFNs into MoE blocks whose experts copy them.
     upcycle: UpcycleSpec | None = None
+    # Evaluate this stage's result on the recipe's eval source -> <stage folder>/eval.json (the run's
+    # final model is always evaluated); e.g. accuracy before and after a LoRA stage.
+    eval: bool = False
     # LoRA / DoRA adapters (PEFT) on the language model; the stage then trains the adapters and
     # `peft.modules_to_save` (plus any `trainable` globs, which may be left out).
     peft: PeftSpec | None = None
@@ -157,6 +162,9 @@ class RunConfig:
             raise ConfigError(f"model.moe already builds MoE layers; stage(s) {upcycled} cannot upcycle them")
         if len(upcycled) > 1:
             raise ConfigError(f"only one stage can upcycle the model, got {upcycled}")
+        evaluated = [s.name for s in self.stages if s.eval]
+        if evaluated and self.eval.source is None:
+            raise ConfigError(f"stage(s) {evaluated} ask for eval but the recipe has no eval.source")
 
 
 def load_run_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:

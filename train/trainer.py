@@ -120,6 +120,8 @@ def run_recipe(cfg: RunConfig, max_steps: int | None = None, resume: str = "auto
                 checkpoint = start_from[1] if start_from is not None and start_from[0] == index else None
                 train_stage(cfg, index, previous, info, metrics, max_steps=max_steps, checkpoint=checkpoint,
                             preemption=preemption, heartbeat=heartbeat)
+            if stage.eval:
+                evaluate_stage(cfg, index, info)
             previous = final
     except Stopped as stop:
         logger.info("%s; run the same command to continue", stop)
@@ -221,16 +223,38 @@ def save_model_folder(cfg: RunConfig, weights: Path, folder: Path) -> None:
     processor.save_pretrained(folder)
 
 
-def evaluate_run(cfg: RunConfig, out: Path) -> None:
-    """Held-out exact match of the trained model (the recipe's `eval:` section) -> `<run>/eval.json`."""
+def stage_result_model(cfg: RunConfig, index: int, final: Path):
+    """The model stage `index` produced (its transformations applied, `final/` loaded), eval mode."""
+    model, processor = build_model_and_processor(cfg.model)
+    for earlier in cfg.stages[: index + 1]:
+        apply_transformations(model, earlier, cfg.run.seed)
+    ckpt.load_weights(model, final)
+    return model.eval(), processor
+
+
+def evaluate_run(cfg: RunConfig, out: Path, model=None, processor=None, name: str = "eval.json") -> None:
+    """Held-out exact match of the trained model (the recipe's `eval:` section) -> `<out>/<name>`."""
     from mllm.train.evaluate import evaluate, format_report, load_for_inference, write_expert_load_plot
 
-    model, processor = load_for_inference(out / "model")
+    if model is None:
+        model, processor = load_for_inference(out / "model")
     report = evaluate(model, processor, cfg.eval.source.path, max_samples=cfg.eval.max_samples,
                       batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens)
     write_expert_load_plot(report, out / "expert_load.png")
-    (out / "eval.json").write_text(json.dumps(report, indent=2))
-    logger.info("held-out evaluation (%s):\n%s", cfg.eval.source.path, format_report(report))
+    (out / name).write_text(json.dumps(report, indent=2))
+    logger.info("held-out evaluation of %s (%s):\n%s", out, cfg.eval.source.path, format_report(report))
+
+
+def evaluate_stage(cfg: RunConfig, index: int, info: DistInfo) -> None:
+    """`stage.eval`: rank 0 evaluates the stage's committed result once -> <stage folder>/eval.json."""
+    folder = stage_dir(cfg, index)
+    if info.is_main and cfg.eval.source is not None and not (folder / "eval.json").exists():
+        from mllm.builder import set_generation_defaults
+
+        model, processor = stage_result_model(cfg, index, folder / "final")
+        set_generation_defaults(model, processor.tokenizer)
+        evaluate_run(cfg, folder, model, processor)
+    barrier()
 
 
 def train_stage(cfg: RunConfig, index: int, init_from: Path | None, info: DistInfo, metrics: MetricsLogger,
@@ -422,6 +446,8 @@ def source_spec(spec) -> dict:
     out = {"type": spec.type, "path": spec.path}
     if spec.image_root is not None:
         out["image_root"] = spec.image_root
+    if spec.question_types:
+        out["question_types"] = list(spec.question_types)
     return out
 
 

@@ -116,7 +116,7 @@ def _run_config(path: Path):
 
 def _from_training_folder(path: Path, merge_lora: bool) -> ExportSource:
     from mllm.train import checkpoint as ckpt
-    from mllm.train.trainer import apply_transformations, build_stage_model
+    from mllm.train.trainer import build_stage_model, stage_result_model
 
     run, cfg = _run_config(path)
     index = _stage_index(path)
@@ -140,12 +140,7 @@ def _from_training_folder(path: Path, merge_lora: bool) -> ExportSource:
             model = model.merge_and_unload()
             logger.info("merged the LoRA adapters of %s", path)
     else:  # a stage's final/: structure after this stage's transformations, merged weights
-        from mllm.builder import build_model_and_processor
-
-        model, processor = build_model_and_processor(cfg.model)
-        for earlier in cfg.stages[: index + 1]:
-            apply_transformations(model, earlier, cfg.run.seed)
-        ckpt.load_weights(model, path)
+        model, processor = stage_result_model(cfg, index, path)
     loaded = ExportSource(model.float().eval(), processor, recipe=(run / "config.yaml").read_text())
     return loaded
 

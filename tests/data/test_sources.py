@@ -9,12 +9,15 @@ import pytest
 
 from mllm.data import synth
 from mllm.data.sources import (
+    BadRecordError,
     CorruptImageError,
     LlavaJsonSource,
     MissingImageError,
+    QuestionTypeSource,
     Record,
     WebDatasetSource,
     decode_image,
+    keep_question_types,
     open_source,
 )
 from mllm.processing import SampleError
@@ -189,3 +192,49 @@ def test_open_source_rejects_unknown_type_and_keys(world):
         {"type": "llava_json", "path": str(world / "llava" / "train_vqa.json"), "image_root": str(world / "llava")}
     )
     assert source[0].image_bytes == (world / "llava" / "images" / "train-000000.png").read_bytes()
+
+
+def test_question_type_filter_keeps_those_pairs_and_the_image(world):
+    """Holding a question type out of a stage: every kept sample still shows its image once, first."""
+    full = open_source({"type": "llava_json", "path": str(world / "llava" / "train_vqa.json")})
+    only = open_source({"type": "llava_json", "path": str(world / "llava" / "train_vqa.json"),
+                        "question_types": ["position"]})
+    with_position = [full.meta(i) for i in range(len(full)) if "position" in full.meta(i)["question_types"]]
+    assert len(only) == len(with_position) > 0
+    for i in range(len(only)):
+        record = only[i]
+        conversation = record.meta["conversations"]
+        assert set(record.meta["question_types"]) == {"position"}
+        assert len(conversation) == 2 * len(record.meta["question_types"])
+        assert conversation[0]["value"].startswith("<image>\n")
+        assert sum(turn["value"].count("<image>") for turn in conversation) == 1
+        assert record.image_bytes is not None
+    rest = open_source({"type": "webdataset", "path": str(world / "wds" / "train-vqa-*.tar"),
+                        "question_types": ["color", "shape", "count"]})
+    assert all("position" not in rest.meta(i)["question_types"] for i in range(len(rest)))
+
+
+def test_question_type_filter_moves_the_placeholder_and_refuses_misaligned_types():
+    meta = {"id": "k", "question_types": ["color", "position"], "conversations": [
+        {"from": "human", "value": "<image>\nWhat color?"}, {"from": "gpt", "value": "red"},
+        {"from": "human", "value": "Where?"}, {"from": "gpt", "value": "left"}]}
+    kept = keep_question_types(meta, {"position"})
+    assert kept["conversations"] == [{"from": "human", "value": "<image>\nWhere?"}, {"from": "gpt", "value": "left"}]
+    assert keep_question_types(meta, {"count"}) is None
+    with pytest.raises(BadRecordError, match="do not line up"):
+        keep_question_types({**meta, "question_types": ["color"]}, {"color"})
+    with pytest.raises(ValueError, match="no question of type"):
+        QuestionTypeSource(FakeSource([meta]), ["count"])
+
+
+class FakeSource:
+    name = "fake"
+
+    def __init__(self, metas):
+        self.metas = metas
+
+    def __len__(self):
+        return len(self.metas)
+
+    def meta(self, i):
+        return self.metas[i]

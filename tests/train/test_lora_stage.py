@@ -18,7 +18,9 @@ ATOL = 1e-4  # fp32: merged W + BA vs the adapter's x W + (x A) B
 
 
 def lora_recipe(world: Path, out: str, **lora) -> dict:
-    recipe = tiny_recipe(world, out, steps=2, save_every=0)
+    recipe = tiny_recipe(world, out, steps=2, save_every=0, eval=True)
+    recipe["eval"] = {"source": {"type": "webdataset", "path": str(world / "data" / "wds" / "heldout-vqa-*.tar")},
+                      "max_samples": 4, "batch_size": 4, "max_new_tokens": 4}
     stage = {"name": "lora", "steps": 4, "micro_batch_size": 4, "lr": 5e-3, "min_lr_ratio": 1.0, "save_every": 2,
              "data": recipe["stages"][0]["data"], "peft": {"r": 4, "alpha": 8, "dropout": 0.0}}
     stage.update(lora)
@@ -70,6 +72,9 @@ def assert_adapter_reloads_to_merged(run: Path, world: Path) -> None:
 
 def test_lora_stage_trains_adapters_and_final_holds_the_merge(world, lora_run):
     assert sorted(losses(lora_run, "lora")) == [1, 2, 3, 4]
+    # `eval: true` on the instruct stage: accuracy before the LoRA stage, beside the run's final eval.
+    for report in (lora_run / "stage0-instruct" / "eval.json", lora_run / "eval.json"):
+        assert json.loads(report.read_text())["n"] > 0
     before = load_file(lora_run / "stage0-instruct" / "final" / "model.safetensors")
     after = load_file(lora_run / "stage1-lora" / "final" / "model.safetensors")
     assert before.keys() == after.keys()  # the base layout: no lora_ / base_layer keys
