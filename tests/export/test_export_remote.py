@@ -137,3 +137,25 @@ def test_flatten_imports_rewrites_and_refuses():
         flatten_imports("from mllm.kernels import rms_norm\n", "x")
     with pytest.raises(RuntimeError, match="SPARSE_MODULES"):
         flatten_imports("from mllm.sparse.mod import MoD\n", "x")
+
+
+def test_export_folder_has_card_metadata_generation_config_and_shards(tokenizer_dir, tmp_path):
+    import yaml
+
+    model, processor = build(tokenizer_dir, MOE_VARIANTS["token_choice_shared"])
+    out = save_export(model, processor, tmp_path / "my-moe", max_shard_size="300KB", base_model="me/base-vlm",
+                      base_model_relation="finetune", datasets=["me/shapes"], license="apache-2.0",
+                      recipe="stages:\n  - name: moe\n", metrics={"overall": 0.9})
+    front, body = (out / "README.md").read_text()[4:].split("\n---\n", 1)
+    metadata = yaml.safe_load(front)
+    assert metadata["pipeline_tag"] == "image-text-to-text" and metadata["library_name"] == "transformers"
+    assert metadata["base_model"] == "me/base-vlm" and metadata["base_model_relation"] == "finetune"
+    assert metadata["datasets"] == ["me/shapes"] and metadata["license"] == "apache-2.0"
+    assert "trust_remote_code=True" in body and "## Training recipe" in body and "| overall | 0.9 |" in body
+    assert "modality-aware MoE" in body
+    assert (out / "generation_config.json").is_file() and (out / "model.safetensors.index.json").is_file()
+    assert len(list(out.glob("model-*.safetensors"))) > 1
+    assert_remote_matches(model, processor, out)
+    with pytest.raises(ValueError, match="base_model_relation"):
+        save_export(model, processor, tmp_path / "bad", base_model="x", base_model_relation="cousin")
+    assert not (tmp_path / "bad").exists()
