@@ -69,6 +69,11 @@ class MLLMConfig(PreTrainedConfig):
     attention: dict | None = None
     # Modality-aware MoE in the decoder (mllm.sparse.MoESpec as a dict); None = dense FFNs.
     moe: dict | None = None
+    # Mixture-of-Depths over image tokens (mllm.sparse.mod.MoDSpec as a dict); None = every token runs
+    # every layer.
+    mod: dict | None = None
+    # Mixture-of-Head attention (mllm.sparse.moh.MoHSpec as a dict); None = every head, unit weights.
+    moh: dict | None = None
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -88,6 +93,11 @@ class MLLMConfig(PreTrainedConfig):
     def uses_interval_attention(self) -> bool:
         return self.attention is not None and (self.attention.get("mode", "causal") != "causal"
                                                or self.attention.get("backend", "sdpa") != "sdpa")
+
+    @property
+    def has_routing(self) -> bool:
+        """Some decoder modules route by modality (MoE, MoD, MoH): the model tells them each token's."""
+        return self.moe is not None or self.mod is not None or self.moh is not None
 
     @property
     def hidden_size(self) -> int:

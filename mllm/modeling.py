@@ -74,6 +74,10 @@ class MLLMModel(MLLMPreTrainedModel):
             from mllm.sparse.upcycle import build_moe_layers
 
             build_moe_layers(self.language_model, config.moe, getattr(config.text_config, "initializer_range", 0.02))
+        if config.mod is not None or config.moh is not None:
+            from mllm.sparse.depth import build_dynamic_layers
+
+            build_dynamic_layers(self.language_model, config)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
@@ -137,7 +141,7 @@ class MLLMModel(MLLMPreTrainedModel):
             if bool((input_ids == self.config.image_token_id).any()):
                 raise ValueError("input_ids contain image tokens but no pixel_values were given")
         prefill = cache is None or cache.get_seq_length() == 0
-        if self.config.moe is not None:
+        if self.config.has_routing:
             self.set_routing_context(input_ids, modality_ids, attention_mask, inputs_embeds)
         if document_ids is not None and not self.config.uses_interval_attention:
             raise ValueError("packed batches (document_ids) need the interval attention layout: set "
@@ -277,7 +281,7 @@ class MLLMForConditionalGeneration(MLLMPreTrainedModel, GenerationMixin):
         hidden = outputs.last_hidden_state  # [B, T, D]
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
-        aux_loss = self.model.routing_aux_loss() if self.config.moe is not None and self.training else None
+        aux_loss = self.model.routing_aux_loss() if self.config.has_routing and self.training else None
         loss = logits = total = None
         if fused_loss and labels is not None:
             if not isinstance(self.lm_head, LMHead):  # e.g. replaced by resize_token_embeddings
