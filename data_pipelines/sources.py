@@ -1,34 +1,41 @@
 """Readers for the two on-disk sample formats: webdataset tar shards and LLaVA-style JSON.
 
 Both yield the same `Record`: a key, the *encoded* image bytes (decoded later, in the worker that
-needs the pixels, by `decode_image`) and a meta dict with one schema:
+needs the pixels, by `decode_images`) and a meta dict with one schema:
 
     {"id": str, "kind": "caption" | "vqa" | ..., "conversations": [{"from", "value"}, ...],
      "question_types": [one per human turn], "scene": [...] or None}
 
-Sources are random-access (`len`, `[i]`) so a sampler can index them deterministically. The
-webdataset reader materialises every record in memory, in shard order; fine for the synthetic and
-test data sets, streaming for large corpora comes later.
+A record holds zero, one or several images, in the order of the `<image>` placeholders of its
+conversation: LLaVA entries with `"image": "a.png"` or `"image": ["a.png", "b.png"]`, shard samples
+with `KEY.png` or `KEY.0.png`, `KEY.1.png`, ... A count that does not match the placeholders is
+rejected (and counted) when the sample is encoded.
+
+Sources are random-access (`len`, `[i]`) so a sampler can index them deterministically. Neither
+holds image bytes: the webdataset reader indexes each shard's members when it opens (see
+`mllm.data.shards`: local paths, globs, brace patterns, `pipe:` URLs) and reads an image's bytes when
+its record is asked for; the LLaVA reader reads image files on access.
 """
 
 from __future__ import annotations
 
-import glob
+import dataclasses
 import io
 import json
 import os
+import re
 import struct
-import tarfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
 
+from mllm.data.shards import expand_shards, index_shard, read_member  # noqa: F401  (expand_shards: API)
 from mllm.processing import SampleError
 from mllm.tokenizer import IMAGE_TOKEN
 
-IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
+IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp", "gif", "bmp", "tif", "tiff")
 # Everything PIL raises for bytes that are not a readable image (truncated files raise OSError,
 # some broken headers SyntaxError, bad compressed streams zlib.error / struct.error).
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error, Image.DecompressionBombError)
@@ -37,9 +44,15 @@ _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib
 @dataclass
 class Record:
     key: str
-    image_bytes: bytes | None  # encoded file bytes; None for a text-only sample
+    image_bytes: bytes | None  # encoded file bytes of the (first) image; None for a text-only sample
     meta: dict
     source: str = ""  # name of the source it came from, for error messages
+    more_image_bytes: tuple[bytes, ...] = ()  # images 2..n of a multi-image sample, in placeholder order
+
+    @property
+    def images(self) -> list[bytes]:
+        """Every image's encoded bytes, in placeholder order."""
+        return [] if self.image_bytes is None else [self.image_bytes, *self.more_image_bytes]
 
 
 class BadRecordError(SampleError):
@@ -63,116 +76,83 @@ class CorruptImageError(ValueError):
     """The bytes of a record's image cannot be decoded."""
 
 
-def decode_image(record: Record) -> Image.Image:
-    """Decode a record's image to RGB; unreadable bytes raise CorruptImageError naming the key."""
-    where = f"record {record.key!r}" + (f" of source {record.source!r}" if record.source else "")
-    if record.image_bytes is None:
-        raise ValueError(f"{where} is text-only: it has no image to decode")
+def decode_bytes(data: bytes, where: str) -> Image.Image:
+    """Encoded image bytes -> RGB image; unreadable bytes raise CorruptImageError starting with `where`."""
     try:
-        with Image.open(io.BytesIO(record.image_bytes)) as image:
+        with Image.open(io.BytesIO(data)) as image:
             image.load()  # Image.open is lazy: force the full decode so truncation shows up here
             return image.convert("RGB")
     except _DECODE_ERRORS as exc:
+        reason = re.sub(r" at 0x[0-9a-f]+", "", str(exc))  # PIL names the BytesIO by address: keep messages stable
         raise CorruptImageError(
-            f"{where}: image bytes ({len(record.image_bytes)} bytes) are not a readable image "
-            f"({type(exc).__name__}: {exc}); regenerate or drop this sample"
+            f"{where}: image bytes ({len(data)} bytes) are not a readable image "
+            f"({type(exc).__name__}: {reason}); regenerate or drop this sample"
         ) from exc
+
+
+def _where(record: Record) -> str:
+    return f"record {record.key!r}" + (f" of source {record.source!r}" if record.source else "")
+
+
+def decode_images(record: Record) -> list[Image.Image]:
+    """Every image of a record, decoded to RGB in placeholder order ([] for a text-only record)."""
+    images = record.images
+    if len(images) == 1:
+        return [decode_bytes(images[0], _where(record))]
+    return [decode_bytes(data, f"{_where(record)}, image {i}") for i, data in enumerate(images)]
+
+
+def decode_image(record: Record) -> Image.Image:
+    """Decode a single-image record to RGB; unreadable bytes raise CorruptImageError naming the key."""
+    if record.image_bytes is None:  # BadRecordError: the loader skips and counts it
+        raise BadRecordError(f"{_where(record)} is text-only: it has no image to decode")
+    if record.more_image_bytes:
+        raise BadRecordError(f"{_where(record)} has {len(record.images)} images where one is expected")
+    return decode_bytes(record.image_bytes, _where(record))
 
 
 # --------------------------------------------------------------------------- webdataset
 
-
-def expand_shards(paths: str | os.PathLike | list, allow_missing: bool = False) -> list[str]:
-    """Shard paths from a list, a glob (`train-*.tar`) or a brace pattern (`train-{000..009}.tar`).
-
-    A pattern that matches nothing raises FileNotFoundError naming it. Listed shards that do not exist
-    raise too, unless `allow_missing` (the source then skips and reports them) and at least one exists.
-    """
-    if isinstance(paths, (str, os.PathLike)):
-        pattern = os.fspath(paths)
-        if glob.has_magic(pattern):
-            found = sorted(glob.glob(pattern))
-        elif "{" in pattern:
-            from webdataset.shardlists import expand_urls  # braceexpand, as webdataset does it
-
-            found = list(expand_urls(pattern))
-        else:
-            found = [pattern]
-        if not found:
-            raise FileNotFoundError(f"no webdataset shard matches {pattern!r}")
-    else:
-        pattern, found = None, [os.fspath(p) for p in paths]
-        if not found:
-            raise FileNotFoundError("WebDatasetSource got an empty list of shard paths")
-    missing = [p for p in found if not os.path.isfile(p)]
-    if missing and allow_missing and len(missing) < len(found):
-        return found
-    if missing:
-        origin = f" (from pattern {pattern!r})" if pattern and missing != [pattern] else ""
-        shown = ", ".join(repr(p) for p in missing[:3]) + (", ..." if len(missing) > 3 else "")
-        raise FileNotFoundError(f"{len(missing)} of {len(found)} webdataset shard(s) not found: {shown}{origin}")
-    return found
+_NUMBERED_IMAGE = re.compile(r"^(\d+)\.([a-z]+)$")
 
 
-def _image_field(sample: dict) -> bytes | None:
-    for ext in IMAGE_EXTENSIONS:
-        if ext in sample:
-            return sample[ext]
-    return None
+def _image_fields(fields: dict, where: str) -> list[str]:
+    """The image fields of a sample in placeholder order: `png` alone, or `0.png`, `1.png`, ..."""
+    single = [f for f in fields if f in IMAGE_EXTENSIONS]
+    numbered = sorted((int(m.group(1)), f) for f in fields
+                      if (m := _NUMBERED_IMAGE.match(f)) and m.group(2) in IMAGE_EXTENSIONS)
+    if len(single) > 1 or (single and numbered):
+        raise BadRecordError(f"{where}: several images without an order ({sorted(single + [f for _, f in numbered])}); "
+                             "name them KEY.0.png, KEY.1.png, ... in placeholder order")
+    if [i for i, _ in numbered] != list(range(len(numbered))):
+        raise BadRecordError(f"{where}: images must be numbered 0, 1, 2, ... without gaps, got "
+                             f"{[f for _, f in numbered]}")
+    return single or [f for _, f in numbered]
 
 
-def _read_shard(shard: str, source_name: str) -> tuple[list[Record], list[Rejection]]:
-    """The records of one shard in file order (no decoding), and what had to be skipped: samples with
-    missing or invalid meta, and the rest of a truncated / unreadable tar."""
-    import webdataset as wds  # training-side dependency; the model library never imports it
+@dataclass(slots=True)
+class _ShardEntry:
+    key: str
+    shard: str
+    images: tuple[tuple[int, int], ...]  # (offset, size) of each image member, in placeholder order
+    meta: dict
 
-    if not os.path.isfile(shard):
-        return [], [Rejection("MissingShard", shard, f"webdataset shard {shard!r} not found")]
-    # No node/worker splitting: every rank materialises the full list; samplers shard indices.
-    dataset = wds.WebDataset([shard], shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False)
-    records, problems = [], []
+
+def _to_entry(sample, shard: str) -> _ShardEntry:
+    key, where = sample.key, f"webdataset shard {shard!r}, sample {sample.key!r}"
+    if sample.meta_bytes is None:
+        raise BadRecordError(f"webdataset shard {shard!r}: sample {key!r} has no .json meta "
+                             f"(files: {sorted(sample.fields)})")
     try:
-        for sample in dataset:
-            try:
-                records.append(_to_record(sample, shard, source_name))
-            except BadRecordError as exc:
-                problems.append(Rejection(type(exc).__name__, sample.get("__key__", "?"), str(exc)))
-    except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
-        problems.append(Rejection("TruncatedShard", shard, f"webdataset shard {shard!r} is not a readable tar file "
-                                  f"after {len(records)} record(s): {exc}"))
-        return records, problems
-    if not _ends_with_tar_trailer(shard):
-        # webdataset's stream reader stops quietly at a cut member; the missing end-of-archive blocks
-        # are how a partial copy (e.g. an interrupted upload) shows.
-        problems.append(Rejection("TruncatedShard", shard, f"webdataset shard {shard!r} is truncated (no end-of-"
-                                  f"archive blocks); kept the {len(records)} complete record(s) before the cut"))
-    return records, problems
-
-
-def _ends_with_tar_trailer(path: str) -> bool:
-    """A complete tar ends with two zero 512-byte blocks (writers pad further with zeros)."""
-    size = os.path.getsize(path)
-    if size < 1024 or size % 512:
-        return False
-    with open(path, "rb") as f:
-        f.seek(size - 1024)
-        return f.read(1024) == bytes(1024)
-
-
-def _to_record(sample: dict, shard: str, source_name: str) -> Record:
-    key = sample["__key__"]
-    if "json" not in sample:
-        present = sorted(k for k in sample if not k.startswith("__"))
-        raise BadRecordError(f"webdataset shard {shard!r}: sample {key!r} has no .json meta (files: {present})")
-    try:
-        meta = json.loads(sample["json"])
+        meta = json.loads(sample.meta_bytes)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BadRecordError(f"webdataset shard {shard!r}: sample {key!r} has invalid .json meta: {exc}") from exc
     if not isinstance(meta, dict):
         raise BadRecordError(f"webdataset shard {shard!r}: sample {key!r} .json is a {type(meta).__name__}, "
                              "not an object")
-    meta = normalize_meta(meta, key, where=f"webdataset shard {shard!r}, sample {key!r}")
-    return Record(key=key, image_bytes=_image_field(sample), meta=meta, source=source_name)
+    meta = normalize_meta(meta, key, where=where)
+    images = tuple(sample.fields[f] for f in _image_fields(sample.fields, where))
+    return _ShardEntry(key, sample.shard, images, meta)
 
 
 def _require_records(records: list, problems: list[Rejection], what: str) -> None:
@@ -182,26 +162,38 @@ def _require_records(records: list, problems: list[Rejection], what: str) -> Non
 
 
 class WebDatasetSource:
-    """Records from webdataset tar shards (`KEY.png` + `KEY.json`), in shard order."""
+    """Records from webdataset tar shards (`KEY.png` + `KEY.json`), in shard order; images read on access."""
 
-    def __init__(self, paths: str | os.PathLike | list, name: str | None = None):
+    def __init__(self, paths: str | os.PathLike | list, name: str | None = None,
+                 cache_dir: str | os.PathLike | None = None):
         self.shards = expand_shards(paths, allow_missing=True)
         self.name = name or _default_name(paths)
-        self.records, self.problems = [], []
+        self.entries: list[_ShardEntry] = []
+        self.problems: list[Rejection] = []
         for shard in self.shards:
-            records, problems = _read_shard(shard, self.name)
-            self.records += records
-            self.problems += problems
-        _require_records(self.records, self.problems, f"webdataset source {self.name!r}")
+            samples, problems = index_shard(shard, cache_dir)
+            self.problems += [Rejection(*p) for p in problems]
+            for sample in samples:
+                try:
+                    self.entries.append(_to_entry(sample, shard))
+                except BadRecordError as exc:
+                    self.problems.append(Rejection(type(exc).__name__, sample.key, str(exc)))
+        _require_records(self.entries, self.problems, f"webdataset source {self.name!r}")
 
     def __len__(self) -> int:
-        return len(self.records)
+        return len(self.entries)
 
     def __getitem__(self, index: int) -> Record:
-        return self.records[index]
+        entry = self.entries[index]
+        try:
+            images = [read_member(entry.shard, offset, size) for offset, size in entry.images]
+        except OSError as exc:
+            raise MissingImageError(f"record {entry.key!r} (source {self.name!r}): {exc}") from exc
+        return Record(key=entry.key, image_bytes=images[0] if images else None, meta=entry.meta, source=self.name,
+                      more_image_bytes=tuple(images[1:]))
 
     def meta(self, index: int) -> dict:
-        return self.records[index].meta
+        return self.entries[index].meta
 
     def __repr__(self) -> str:
         return f"WebDatasetSource(name={self.name!r}, shards={len(self.shards)}, records={len(self)})"
@@ -235,6 +227,34 @@ def normalize_meta(entry: dict, key: str, where: str) -> dict:
     }
 
 
+def read_llava_json(path: str | os.PathLike) -> list:
+    """The entries of a LLaVA JSON file (a list), or a ValueError naming the file."""
+    try:
+        entries = json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"LLaVA json {str(path)!r} is not valid JSON: {exc}") from exc
+    if not isinstance(entries, list):
+        raise ValueError(f"LLaVA json {str(path)!r} must hold a list of entries, got {type(entries).__name__}")
+    return entries
+
+
+def llava_image_list(entry: dict) -> list[str]:
+    """An entry's `image`: absent -> [], one path -> [path], a list -> the list (placeholder order)."""
+    image = entry.get("image")
+    return [] if image is None else [image] if isinstance(image, str) else list(image)
+
+
+def llava_entry_meta(entry, index: int, name: str, where: str) -> dict:
+    """Validate one LLaVA entry and bring it to the record schema (its id defaults to `NAME-INDEX`)."""
+    if not isinstance(entry, dict):
+        raise BadRecordError(f"{where}: expected an object, got {type(entry).__name__}")
+    image = entry.get("image")
+    many = isinstance(image, list) and image and all(isinstance(p, str) and p for p in image)
+    if image is not None and not (isinstance(image, str) and image) and not many:
+        raise BadRecordError(f"{where}: 'image' must be a relative path or a non-empty list of them, got {image!r}")
+    return normalize_meta(entry, f"{name}-{index}", where)
+
+
 class LlavaJsonSource:
     """Records from a LLaVA-style JSON list; images are read from `image_root` on access."""
 
@@ -261,24 +281,10 @@ class LlavaJsonSource:
         _require_records(self.entries, self.problems, f"LLaVA json {str(self.json_path)!r}")
 
     def _load(self) -> list:
-        try:
-            entries = json.loads(self.json_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"LLaVA json {str(self.json_path)!r} is not valid JSON: {exc}") from exc
-        if not isinstance(entries, list):
-            raise ValueError(
-                f"LLaVA json {str(self.json_path)!r} must hold a list of entries, got {type(entries).__name__}"
-            )
-        return entries
+        return read_llava_json(self.json_path)
 
     def _meta(self, index: int, entry) -> dict:
-        where = f"LLaVA json {str(self.json_path)!r}, entry {index}"
-        if not isinstance(entry, dict):
-            raise BadRecordError(f"{where}: expected an object, got {type(entry).__name__}")
-        image = entry.get("image")
-        if image is not None and not isinstance(image, str):
-            raise BadRecordError(f"{where}: 'image' must be one relative path (multi-image entries are not supported)")
-        return normalize_meta(entry, f"{self.name}-{index}", where)
+        return llava_entry_meta(entry, index, self.name, f"LLaVA json {str(self.json_path)!r}, entry {index}")
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -286,18 +292,21 @@ class LlavaJsonSource:
     def meta(self, index: int) -> dict:
         return self.metas[index]
 
+    def image_paths(self, index: int) -> list[Path]:
+        """The files of an entry's images, in placeholder order."""
+        return [self.image_root / p for p in llava_image_list(self.entries[index])]
+
     def __getitem__(self, index: int) -> Record:
         meta = self.metas[index]
-        image = self.entries[index].get("image")
-        image_bytes = None
-        if image is not None:
-            path = self.image_root / image
+        images = []
+        for path in self.image_paths(index):
             if not path.is_file():
                 raise MissingImageError(
                     f"image {str(path)!r} of record {meta['id']!r} (source {self.name!r}) not found"
                 )
-            image_bytes = path.read_bytes()
-        return Record(key=meta["id"], image_bytes=image_bytes, meta=meta, source=self.name)
+            images.append(path.read_bytes())
+        return Record(key=meta["id"], image_bytes=images[0] if images else None, meta=meta, source=self.name,
+                      more_image_bytes=tuple(images[1:]))
 
     def __repr__(self) -> str:
         return f"LlavaJsonSource(name={self.name!r}, json={str(self.json_path)!r}, records={len(self)})"
@@ -348,8 +357,7 @@ class QuestionTypeSource:
         return len(self.index)
 
     def __getitem__(self, index: int) -> Record:
-        record = self.source[self.index[index]]
-        return Record(key=record.key, image_bytes=record.image_bytes, meta=self.metas[index], source=record.source)
+        return dataclasses.replace(self.source[self.index[index]], meta=self.metas[index])
 
     def meta(self, index: int) -> dict:
         return self.metas[index]
@@ -361,13 +369,14 @@ class QuestionTypeSource:
 # --------------------------------------------------------------------------- factory
 
 SOURCE_TYPES = {"webdataset": WebDatasetSource, "llava_json": LlavaJsonSource}
-_SPEC_KEYS = {"webdataset": {"type", "path", "name", "question_types"},
+_SPEC_KEYS = {"webdataset": {"type", "path", "name", "question_types", "cache_dir"},
               "llava_json": {"type", "path", "image_root", "name", "question_types"}}
 
 
 def open_source(spec: dict):
     """Build a source from a config dict: {"type": "webdataset" | "llava_json", "path": ..., ...};
-    `question_types: [...]` keeps only those questions of each sample."""
+    `question_types: [...]` keeps only those questions of each sample; `cache_dir` is where `pipe:`
+    shards are copied (see mllm.data.shards)."""
     if spec.get("question_types"):
         return QuestionTypeSource(open_source({k: v for k, v in spec.items() if k != "question_types"}),
                                   spec["question_types"])
@@ -380,5 +389,5 @@ def open_source(spec: dict):
     if "path" not in spec:
         raise ValueError(f"{kind} source spec needs a 'path'")
     if kind == "webdataset":
-        return WebDatasetSource(spec["path"], name=spec.get("name"))
+        return WebDatasetSource(spec["path"], name=spec.get("name"), cache_dir=spec.get("cache_dir"))
     return LlavaJsonSource(spec["path"], image_root=spec.get("image_root"), name=spec.get("name"))

@@ -24,6 +24,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from mllm.data.shards import add_member
+
 GRID = 3
 BACKGROUND = (255, 255, 255)
 # Six colours far apart in RGB so the centre pixel of a shape identifies its colour exactly
@@ -227,12 +229,7 @@ def _dumps(obj) -> bytes:
 
 
 def _tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    # Fixed mtime/owner/mode: the shard bytes depend on the samples only.
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = len(data), 0, 0o444
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    tar.addfile(info, io.BytesIO(data))
+    add_member(tar, name, data)  # fixed mtime/owner/mode: the shard bytes depend on the samples only
 
 
 def write_shards(out_dir: Path, prefix: str, samples: list[tuple[bytes, dict]], shard_size: int) -> list[str]:

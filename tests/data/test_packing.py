@@ -14,12 +14,12 @@ from mllm.processing import pad_rows
 from tests.attention.test_layout_and_mma import build, spec  # noqa: F401  (fixture)
 
 
-def test_first_fit_decreasing_never_splits_and_respects_max_length():
+def test_packing_never_splits_and_respects_max_length():
     lengths = [7, 3, 5, 2, 9, 4, 1]
     bins = pack_bins(lengths, max_length=10)
     assert sorted(i for b in bins for i in b) == list(range(len(lengths)))  # every sample, once
     assert all(sum(lengths[i] for i in b) <= 10 for b in bins)
-    assert len(bins) == 4  # 31 tokens need at least 4 rows of 10; first-fit decreasing finds 4
+    assert len(bins) == 4  # 31 tokens need at least 4 rows of 10; the packer finds 4
     with pytest.raises(ValueError, match="longer than max_length"):
         pack_bins([11], max_length=10)
 

@@ -166,9 +166,10 @@ def test_llava_defaults_and_text_only_entries(tmp_path):
 @pytest.mark.parametrize("entry", [
     {"id": "x"}, {"id": "x", "conversations": []}, {"id": "x", "conversations": [{"value": "hi"}]},
     {"id": "x", "conversations": "hello"}, {"id": "x", "conversations": [{"from": "human", "value": 5}]},
-    {"id": "x", "image": ["a.png", "b.png"], "conversations": [{"from": "human", "value": "a"}]}, ["not", "a", "dict"],
+    {"id": "x", "image": ["a.png", 5], "conversations": [{"from": "human", "value": "a"}]},
+    {"id": "x", "image": [], "conversations": [{"from": "human", "value": "a"}]}, ["not", "a", "dict"],
 ], ids=["no-conversations", "empty", "turn-without-from", "conversations-a-string", "value-a-number",
-        "image-a-list", "entry-a-list"])
+        "image-list-not-paths", "image-empty-list", "entry-a-list"])
 def test_malformed_llava_entry_is_skipped_and_reported_with_its_key(tmp_path, entry):
     path = tmp_path / "broken.json"
     good = {"id": "ok", "conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}]}
