@@ -15,11 +15,14 @@ from typing import Any, Literal
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, CLIPImageProcessor, PreTrainedConfig
 
+from mllm.compression.config import CompressionSpec
 from mllm.configuration import MLLMConfig, OpenCLIPVisionConfig
 from mllm.modeling import MLLMForConditionalGeneration
 from mllm.processing import MLLMProcessor
 from mllm.schema import ConfigError
 from mllm.sparse.config import MoESpec
+from mllm.sparse.mod import MoDSpec
+from mllm.sparse.moh import MoHSpec
 from mllm.tokenizer import IMAGE_TOKEN, ensure_special_tokens, load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -102,7 +105,12 @@ class ModelSpec:
     tokenizer: str | None = None  # hub id / path; defaults to text.name
     attention: AttentionSpec = field(default_factory=AttentionSpec)
     moe: MoESpec | None = None  # an MoE model from scratch; a stage's `upcycle:` converts a trained one
+    mod: MoDSpec | None = None  # Mixture-of-Depths over image tokens from scratch (a stage's `mod:` converts)
+    moh: MoHSpec | None = None  # Mixture-of-Head attention from scratch (a stage's `moh:` converts)
     kernels: KernelsSpec = field(default_factory=KernelsSpec)
+    # Fewer image tokens per image before the LLM: {method: pool|pixel_shuffle|tome|vmtc, ratio: 0.25}
+    # (mllm.compression); the processor expands <image> to the compressed count. None = every patch token.
+    compression: CompressionSpec | None = None
     # Start from a trained model instead of building one: a run folder, its `model/` folder, or an
     # `mllm export` folder. The saved config is used as is, so the sections above must stay unset
     # (`kernels` still applies: it only changes how training computes).
@@ -112,7 +120,8 @@ class ModelSpec:
         if self.init_from is None:
             return
         defaults = ModelSpec()
-        given = [name for name in ("vision", "projector", "text", "tokenizer", "attention", "moe")
+        given = [name for name in ("vision", "projector", "text", "tokenizer", "attention", "moe", "mod", "moh",
+                                   "compression")
                  if getattr(self, name) != getattr(defaults, name)]
         if given:
             raise ConfigError(f"init_from loads the saved model with its own config; remove model.{given[0]} "
@@ -227,6 +236,9 @@ def build_model_and_processor(spec: ModelSpec, dtype: torch.dtype = torch.float3
         multimodal_projector_bias=spec.projector.bias,
         attention=attention_config(spec.attention, tokenizer),
         moe=spec.moe.to_config() if spec.moe is not None else None,
+        mod=spec.mod.to_config() if spec.mod is not None else None,
+        moh=spec.moh.to_config() if spec.moh is not None else None,
+        compression=spec.compression.to_config() if spec.compression is not None else None,
     )
     model = MLLMForConditionalGeneration(config)
     if isinstance(vision_config, OpenCLIPVisionConfig):

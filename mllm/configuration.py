@@ -74,6 +74,9 @@ class MLLMConfig(PreTrainedConfig):
     mod: dict | None = None
     # Mixture-of-Head attention (mllm.sparse.moh.MoHSpec as a dict); None = every head, unit weights.
     moh: dict | None = None
+    # Visual-token compression before the LLM (mllm.compression.CompressionSpec as a dict); None = every
+    # patch token reaches the LLM. It changes num_image_tokens (the processor's expansion of <image>).
+    compression: dict | None = None
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -88,6 +91,13 @@ class MLLMConfig(PreTrainedConfig):
             from mllm.sparse.config import MoESpec
 
             MoESpec.from_config(self.moe)  # a bad section fails here, naming the key
+        if self.compression is not None:
+            from mllm.compression.config import CompressionSpec
+
+            spec = CompressionSpec.from_config(self.compression)
+            if spec.saliency == "cls" and getattr(self.vision_config, "model_type", None) == "siglip_vision_model":
+                raise ValueError("compression.saliency 'cls' needs a vision tower with a CLS token; SigLIP has none: "
+                                 "use saliency 'norm' or 'auto'")
 
     @property
     def uses_interval_attention(self) -> bool:
@@ -110,11 +120,16 @@ class MLLMConfig(PreTrainedConfig):
 
     @property
     def num_image_tokens(self) -> int:
-        """LLM-side tokens per image: the patch grid, plus the CLS token unless it is dropped."""
+        """LLM-side tokens per image: the patch grid (or the K tokens compression leaves of it), plus the
+        CLS token unless it is dropped (compression never merges CLS)."""
         vc = self.vision_config
         image_size = vc.image_size if isinstance(vc.image_size, int) else vc.image_size[0]
         patch_size = vc.patch_size if isinstance(vc.patch_size, int) else vc.patch_size[0]
         n = (image_size // patch_size) ** 2
+        if self.compression is not None:
+            from mllm.compression.config import CompressionSpec
+
+            n = CompressionSpec.from_config(self.compression).output_tokens(n)
         # SigLIP has no CLS token; CLIP and open_clip ViTs put it first.
         has_cls = vc.model_type != "siglip_vision_model"
         if has_cls and self.vision_feature_select_strategy == "full":

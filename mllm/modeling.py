@@ -17,6 +17,7 @@ from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import ModelOutput
 
+from mllm.compression import build_compressor, projector_input_size
 from mllm.configuration import MLLMConfig
 from mllm.projector import MultiModalProjector
 from mllm.vision import build_vision_tower, has_cls_token, select_image_features
@@ -57,8 +58,10 @@ class MLLMModel(MLLMPreTrainedModel):
     def __init__(self, config: MLLMConfig):
         super().__init__(config)
         self.vision_tower = build_vision_tower(config.vision_config)
+        # Parameter-free; None without a compression section. pixel_shuffle widens the projector's input.
+        self.token_compressor = build_compressor(config.compression)
         self.multi_modal_projector = MultiModalProjector(
-            vision_hidden_size=config.vision_config.hidden_size,
+            vision_hidden_size=projector_input_size(config.vision_config.hidden_size, config.compression),
             text_hidden_size=config.text_config.hidden_size,
             depth=config.projector_depth,
             act=config.projector_hidden_act,
@@ -87,16 +90,23 @@ class MLLMModel(MLLMPreTrainedModel):
         self.language_model.set_input_embeddings(value)
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """[N_img, 3, H, W] -> [N_img, tokens_per_image, D_text]."""
+        """[N_img, 3, H, W] -> [N_img, tokens_per_image, D_text] (config.num_image_tokens per image)."""
         tower_dtype = next(self.vision_tower.parameters()).dtype
         outputs = self.vision_tower(pixel_values.to(tower_dtype), output_hidden_states=True)
+        has_cls = has_cls_token(self.config.vision_config)
         features = select_image_features(
             outputs.hidden_states,
             self.config.vision_feature_layer,
             self.config.vision_feature_select_strategy,
-            has_cls_token(self.config.vision_config),
+            has_cls,
         )
-        return self.multi_modal_projector(features)
+        if self.token_compressor is None:
+            return self.multi_modal_projector(features)
+        layer = outputs.hidden_states[self.config.vision_feature_layer]  # [N_img, (1 +) P, D_vision]
+        return self.token_compressor.compress_and_project(
+            features, self.multi_modal_projector, cls_state=layer[:, 0] if has_cls else None,
+            keeps_cls=has_cls and self.config.vision_feature_select_strategy == "full",
+        )
 
     def merge_image_features(
         self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor, image_features: torch.Tensor

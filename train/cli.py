@@ -1,4 +1,4 @@
-"""The `mllm` command line: data synth, train, eval, generate, export.
+"""The `mllm` command line: data synth / convert, train, eval, generate, export.
 
 Heavy imports (deepspeed, open_clip) happen inside the subcommand that needs them, so `mllm --help`
 is instant. Errors a user can fix (config, paths, data) print one clear line and exit with code 2.
@@ -17,6 +17,7 @@ from pathlib import Path
 
 EXAMPLES = """examples:
   mllm data synth --out data/demo                      # shapes world: shards, LLaVA JSON, tokenizer
+  mllm data convert --json llava.json --image-root images --out shards/llava   # LLaVA JSON -> tar shards
   mllm train configs/recipes/demo.yaml run.output_dir=runs/demo stages.2.steps=50
   torchrun --nproc_per_node 2 -m mllm.train.cli train configs/recipes/demo.yaml
   mllm train configs/recipes/llava15_7b.yaml --dry-run  # resolve + validate, build a tiny stand-in
@@ -39,6 +40,15 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--n-heldout", type=int, default=1000, help="held-out images, never seen in training")
     synth.add_argument("--shard-size", type=int, default=2000)
     synth.add_argument("--vocab-size", type=int, default=512, help="BPE vocabulary of the trained tokenizer")
+    convert = data.add_parser("convert", help="LLaVA JSON + images -> webdataset tar shards with a manifest "
+                                              "(deterministic; a rerun finishes an interrupted conversion)")
+    convert.add_argument("--json", required=True, help="LLaVA-style JSON list of conversations")
+    convert.add_argument("--image-root", default=None, help="folder the entries' image paths are relative to "
+                                                            "(default: the JSON's folder)")
+    convert.add_argument("--out", required=True, help="output folder for PREFIX-NNNNNN.tar and manifest.json")
+    convert.add_argument("--shard-size", type=int, default=1000, help="input entries per shard")
+    convert.add_argument("--prefix", default=None, help="shard name prefix (default: the JSON file's stem)")
+    convert.add_argument("--no-verify", action="store_true", help="do not decode every image to check it")
 
     train = sub.add_parser("train", help="run a staged recipe (YAML) with key=value overrides")
     train.add_argument("recipe", help="recipe YAML, e.g. configs/recipes/demo.yaml")
@@ -105,6 +115,16 @@ def cmd_data_synth(args) -> None:
     print(json.dumps(summary, indent=2))
 
 
+def cmd_data_convert(args) -> None:
+    from mllm.data.convert import convert_llava
+
+    manifest = convert_llava(args.json, args.out, args.image_root, shard_size=args.shard_size, prefix=args.prefix,
+                             verify_images=not args.no_verify)
+    summary = {key: manifest[key] for key in ("samples", "rejected", "rejected_by_reason")}
+    summary.update(shards=len(manifest["shards"]), manifest=str(Path(args.out) / "manifest.json"))
+    print(json.dumps(summary, indent=2))
+
+
 def cmd_train(args) -> None:
     from mllm.train.config import load_run_config
 
@@ -127,7 +147,7 @@ def cmd_train(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    from mllm.train.evaluate import evaluate, format_report, load_for_inference, write_expert_load_plot
+    from mllm.train.evaluate import evaluate, format_report, load_for_inference, write_eval_plots
 
     model, processor = load_for_inference(args.model)
     report = evaluate(model, processor, args.data, max_samples=args.max_samples, batch_size=args.batch_size,
@@ -135,9 +155,8 @@ def cmd_eval(args) -> None:
     print(format_report(report))
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2))
-        plot = write_expert_load_plot(report, Path(args.out).with_name("expert_load.png"))
-        if plot is not None:
-            print(f"expert load heatmap: {plot}")
+        for plot in write_eval_plots(report, Path(args.out).parent):
+            print(f"plot: {plot}")
 
 
 def cmd_generate(args) -> None:
@@ -175,6 +194,7 @@ def cmd_export(args) -> None:
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "export": cmd_export}
+DATA_COMMANDS = {"synth": cmd_data_synth, "convert": cmd_data_convert}
 
 
 def configure_logging() -> None:
@@ -211,8 +231,10 @@ def main(argv: list[str] | None = None) -> int:
     from mllm.schema import ConfigError
     from mllm.train.reliability import NonFiniteLossError
 
-    handler = cmd_data_synth if args.command == "data" else COMMANDS[args.command]
+    handler = DATA_COMMANDS[args.data_command] if args.command == "data" else COMMANDS[args.command]
     user_errors = (ConfigError, FileNotFoundError, DataQualityError, NonFiniteLossError)
+    if args.command == "data":  # unreadable JSON, a folder holding another conversion
+        user_errors += (ValueError,)
     if args.command == "export":  # an unexportable model, an occupied target, a failed push or check
         from mllm.export import ExportVerificationError
         from mllm.export.hub import HubPushError

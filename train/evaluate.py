@@ -1,7 +1,9 @@
 """Held-out evaluation: exact-match accuracy per question type with batched greedy generation.
 
 Every question of a multi-turn sample is asked with the conversation so far (earlier turns carry
-their reference answers), left-padded into batches and decoded greedily with the KV cache.
+their reference answers) and the images of its `<image>` placeholders so far, in order (a record may
+hold several), left-padded into batches and decoded greedily with the KV cache. Images are preprocessed
+by the model folder's processor, i.e. with the `image_aspect` (resize / pad / anyres) it was trained with.
 """
 
 from __future__ import annotations
@@ -13,9 +15,9 @@ from pathlib import Path
 import torch
 
 from mllm.builder import set_generation_defaults
-from mllm.data.sources import decode_image, open_source
+from mllm.data.sources import decode_images, open_source
 from mllm.modeling import MLLMForConditionalGeneration
-from mllm.processing import MLLMProcessor, llava_to_messages
+from mllm.processing import MLLMProcessor, count_images, llava_to_messages
 from mllm.sparse.config import MoESpec
 from mllm.sparse.moe import load_summary, moe_blocks, routing_counts
 
@@ -37,6 +39,7 @@ def normalize(text: str) -> str:
 @torch.no_grad()
 def generate_batch(model, processor: MLLMProcessor, prompts: list[str], images: list, max_new_tokens: int,
                    use_cache: bool = True) -> list[str]:
+    """Greedy answers to `prompts`; `images`: one per `<image>` placeholder, in order across the prompts."""
     inputs = processor(images=images, text=prompts, padding_side="left")
     inputs.pop("modality_ids")
     # Stop tokens (<|end|>, EOS) and padding come from the model's generation config (builder.py).
@@ -54,19 +57,25 @@ def answer(model, processor: MLLMProcessor, images: list, questions: list[str], 
 
 
 def vqa_items(source, max_samples: int, processor: MLLMProcessor):
-    """(prompt, image, reference, question_type, question) for every question of the first samples."""
+    """(prompt, images, reference, question_type, question) for every question of the first samples;
+    `images` are those of the prompt's placeholders (a record's images in placeholder order, up to the
+    ones its conversation has shown so far)."""
     for i in range(min(max_samples, len(source))):
         record = source[i]
         if record.meta.get("kind") != "vqa":
             continue
-        image = decode_image(record)
+        images = decode_images(record)
         messages = llava_to_messages(record.meta["conversations"])
+        if count_images(messages) != len(images):
+            raise ValueError(f"eval record {record.key!r}: {count_images(messages)} <image> placeholder(s) but "
+                             f"{len(images)} image(s); each image needs exactly one <image>, in order")
         types = record.meta.get("question_types") or ["unknown"] * (len(messages) // 2)
         for turn in range(0, len(messages) - 1, 2):
-            prompt = processor.apply_chat_template(messages[: turn + 1], add_generation_prompt=True, tokenize=False)
+            context = messages[: turn + 1]
+            prompt = processor.apply_chat_template(context, add_generation_prompt=True, tokenize=False)
             reference = messages[turn + 1]["content"][0]["text"]
             question = " ".join(c["text"] for c in messages[turn]["content"] if c["type"] == "text")
-            yield prompt, image, reference, types[turn // 2], question
+            yield prompt, images[: count_images(context)], reference, types[turn // 2], question
 
 
 def evaluate(model, processor: MLLMProcessor, data: str, max_samples: int = 500, batch_size: int = 32,
@@ -83,7 +92,8 @@ def evaluate(model, processor: MLLMProcessor, data: str, max_samples: int = 500,
     routing_counts(model)  # MoE models: count expert load from zero
     for start in range(0, len(items), batch_size):
         chunk = items[start:start + batch_size]
-        outputs = generate_batch(model, processor, [c[0] for c in chunk], [c[1] for c in chunk], max_new_tokens)
+        outputs = generate_batch(model, processor, [c[0] for c in chunk], [image for c in chunk for image in c[1]],
+                                 max_new_tokens)
         for (_, _, reference, qtype, question), output in zip(chunk, outputs):
             hit = normalize(output) == normalize(reference)
             correct[qtype] += hit
@@ -101,6 +111,11 @@ def evaluate(model, processor: MLLMProcessor, data: str, max_samples: int = 500,
               "chance": sum(per_type[t]["chance"] * total[t] for t in total) / n,
               "per_type": per_type, "examples": examples,
               "seconds": elapsed, "generated_tokens_per_s": generated / elapsed}
+    from mllm.sparse.depth import dynamic_stats, dynamic_summary
+
+    dynamic = dynamic_stats(model)
+    if dynamic is not None:  # MoD kept fraction / gates and MoH head usage over the questions
+        report.update(dynamic_summary(model, dynamic))
     counts = routing_counts(model)
     if counts is not None:  # the questions' expert load (prompt and generated tokens), per layer and modality
         report["moe"] = load_summary(counts, MoESpec.from_config(model.config.moe),
@@ -115,6 +130,22 @@ def write_expert_load_plot(report: dict, path: Path) -> Path | None:
     from mllm.train.metrics import plot_expert_load
 
     return plot_expert_load(report["moe"], path, "held-out expert load")
+
+
+def write_dynamic_plot(report: dict, path: Path) -> Path | None:
+    """`dynamic_compute.png` for MoD / MoH models (kept fraction per layer, head usage); None otherwise."""
+    if "mod" not in report and "moh" not in report:
+        return None
+    from mllm.train.metrics import plot_dynamic_compute
+
+    return plot_dynamic_compute(report.get("mod"), report.get("moh"), path)
+
+
+def write_eval_plots(report: dict, folder: Path) -> list[Path]:
+    """The plots an eval report supports, next to it: expert_load.png (MoE), dynamic_compute.png (MoD/MoH)."""
+    plots = [write_expert_load_plot(report, Path(folder) / "expert_load.png"),
+             write_dynamic_plot(report, Path(folder) / "dynamic_compute.png")]
+    return [p for p in plots if p is not None]
 
 
 def format_report(report: dict) -> str:

@@ -94,3 +94,39 @@ def plot_expert_load(summary: dict, out_png: Path, title: str = "expert load") -
     fig.savefig(out_png, dpi=100, bbox_inches="tight")
     plt.close(fig)
     return Path(out_png)
+
+
+def plot_dynamic_compute(mod: dict | None, moh: dict | None, out_png: Path) -> Path:
+    """MoD: kept fraction of image tokens per routed layer against its capacity, with the mean gate;
+    MoH: heatmap of the fraction of routed tokens each head served, per layer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    panels = [p for p in (mod, moh) if p is not None]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.2), squeeze=False)
+    axes = list(axes[0])
+    if mod is not None:
+        ax = axes.pop(0)
+        x = np.arange(len(mod["layers"]))
+        ax.bar(x - 0.2, mod["kept_fraction"], 0.4, label="kept (measured)")
+        ax.bar(x + 0.2, mod["capacity"], 0.4, label="capacity")
+        ax.plot(x, mod["gate_mean"], "k.-", label="mean gate")
+        ax.set_xticks(x, [n.split("layers.")[-1] for n in mod["layers"]])
+        ax.set_xlabel("routed layer")
+        ax.set_title("Mixture-of-Depths: image tokens kept")
+        ax.legend(fontsize=7)
+    if moh is not None:
+        ax = axes.pop(0)
+        usage = np.array(moh["head_usage"])
+        image = ax.imshow(usage, cmap="viridis", aspect="auto", vmin=0)
+        ax.set_yticks(range(len(moh["layers"])), [n.split("layers.")[-1].replace(".self_attn", "")
+                                                  for n in moh["layers"]])
+        ax.set_xlabel("routed head")
+        ax.set_title("Mixture-of-Head: share of tokens per head")
+        fig.colorbar(image, ax=ax, shrink=0.8)
+    fig.savefig(out_png, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return Path(out_png)

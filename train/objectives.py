@@ -5,6 +5,10 @@
 `ClipLoss`, captions tokenized by the run's tokenizer. The open_clip model's `visual` *is* the
 MLLM's tower module, so training it trains the tower the later stages use.
 
+Images become crops as the processor's `image_aspect` says (`resize` / `pad`: one per image; `anyres`:
+a thumbnail plus tiles, and a matching number of image tokens); the trainer sets it from
+`data.image_aspect` on the processor it trains with and saves, so eval preprocesses the same way.
+
 Every objective returns `(loss_sum, count)`; the trainer divides by the global count.
 """
 
@@ -16,12 +20,21 @@ import torch
 from torch import nn
 
 from mllm.data.packing import collate_packed
-from mllm.data.sources import decode_image
+from mllm.data.sources import decode_image, decode_images
 from mllm.modeling import MLLMForConditionalGeneration, causal_lm_loss_sum
 from mllm.processing import MLLMProcessor, SampleTooLongError, llava_to_messages, pad_rows
 from mllm.sparse.config import MoESpec
 from mllm.sparse.moe import load_summary, moe_blocks, routing_counts
 from mllm.train.distributed import all_reduce, all_reduce_tensor, world_size
+
+
+def check_image_aspect(processor: MLLMProcessor, image_aspect: str | None) -> None:
+    """The image aspect lives on the processor (saved with it, so eval preprocesses as training did); an
+    explicit `image_aspect` that disagrees with it would train on crops the saved processor never makes."""
+    if image_aspect is not None and image_aspect != processor.image_aspect:
+        raise ValueError(f"encode(image_aspect={image_aspect!r}) but the processor preprocesses with "
+                         f"{processor.image_aspect!r}; set it on the processor (processor.configure_images, which "
+                         "the trainer calls with data.image_aspect) so the saved processor agrees")
 
 
 class LMObjective:
@@ -36,26 +49,43 @@ class LMObjective:
         self._aux_sums: dict[str, float] = {}
         self._aux_batches = 0
 
-    def encode(self, record) -> dict:
-        images = [decode_image(record)] if record.image_bytes is not None else []
+    def encode(self, record, image_aspect: str | None = None) -> dict:
+        """A record -> input_ids / labels / modality_ids and its images' crops as pixel_values, in placeholder
+        order (the model scatters crop i into the i-th run of num_image_tokens image tokens; a count
+        mismatch is rejected). How images become crops is the processor's `image_aspect`; `image_aspect`
+        here may only restate it (the trainer passes data.image_aspect)."""
+        processor = self.processor
+        check_image_aspect(processor, image_aspect)
         messages = llava_to_messages(record.meta["conversations"])
-        sample = self.processor.encode_conversation(messages, len(images), self.max_length, sample_id=record.key)
+        if processor.image_aspect == "anyres" and record.images:
+            # An anyres image's token count depends on its size: decode, then tokenize.
+            images = decode_images(record)
+            sample = processor.encode_conversation(messages, len(images), self.max_length, sample_id=record.key,
+                                                   images=images)
+        else:
+            # Tokenize first: a sample with the wrong image count or too many tokens is rejected before its
+            # pixels are decoded.
+            sample = processor.encode_conversation(messages, len(record.images), self.max_length,
+                                                   sample_id=record.key)
+            images = decode_images(record)
         sample["key"] = record.key
         if images:
-            sample["pixel_values"] = self.processor.preprocess_images(images)  # [n_img, 3, H, W]
+            sample["pixel_values"] = processor.preprocess_images(images)  # [n_crops, 3, H, W]
         return sample
 
-    def collate(self, samples: list[dict]) -> dict:
-        if self.packing:  # whole samples packed into rows of max_length; documents kept apart by the layout
-            return collate_packed(samples, self.max_length, self.processor.tokenizer.pad_token_id)
+    def collate(self, samples: list[dict], rows: list[list[int]] | None = None) -> dict:
+        """Padded rows, or with packing whole samples packed into rows of max_length (`rows`: a packing the
+        loader chose for a window, see mllm.data.batching); documents are kept apart by the layout."""
+        if self.packing:
+            return collate_packed(samples, self.max_length, self.processor.tokenizer.pad_token_id, rows=rows)
         batch = pad_rows([s["input_ids"] for s in samples], self.processor.tokenizer.pad_token_id, "right",
                          label_rows=[s["labels"] for s in samples])
         modality = pad_rows([s["modality_ids"] for s in samples], 0, "right")["input_ids"]
         batch["modality_ids"] = modality
         batch["keys"] = [s.get("key") for s in samples]
         pixels = [s["pixel_values"] for s in samples if "pixel_values" in s]
-        if pixels:
-            batch["pixel_values"] = torch.cat(pixels)
+        if pixels:  # each sample's crops in turn = the row-major order of the rows' image tokens
+            batch["pixel_values"] = torch.cat(pixels)  # [N_crops, 3, H, W]
         return batch
 
     @staticmethod
@@ -80,17 +110,34 @@ class LMObjective:
         return total, out.aux_loss
 
     def metrics(self) -> dict:
-        """MoE metrics since the last call, reduced over ranks (every rank must call this)."""
+        """MoE / MoD / MoH metrics since the last call, reduced over ranks (every rank must call this)."""
+        out = self.dynamic_metrics()
         counts = routing_counts(self.model)
         if counts is None:
-            return {}
+            return out
         counts = {key: all_reduce_tensor(value) for key, value in counts.items()}
-        out = {f"moe_{key}": all_reduce(float(value) / max(1, self._aux_batches)) / world_size()
-               for key, value in sorted(self._aux_sums.items())}
+        out.update({f"moe_{key}": all_reduce(float(value) / max(1, self._aux_batches)) / world_size()
+                    for key, value in sorted(self._aux_sums.items())})
         self._aux_sums, self._aux_batches = {}, 0
         summary = load_summary(counts, MoESpec.from_config(self.model.config.moe),
                                [name for name, _ in moe_blocks(self.model)])
         out.update({f"moe_{key}": value for key, value in summary.items() if key != "layers"})
+        return out
+
+    def dynamic_metrics(self) -> dict:
+        """Mixture-of-Depths kept fraction / gate and Mixture-of-Head head usage per layer."""
+        from mllm.sparse.depth import dynamic_stats, dynamic_summary
+
+        stats = dynamic_stats(self.model)
+        if stats is None:
+            return {}
+        summary = dynamic_summary(self.model, {k: all_reduce_tensor(v) for k, v in stats.items()})
+        out = {}
+        if "mod" in summary:
+            out.update(mod_kept_fraction=summary["mod"]["kept_fraction"], mod_gate_mean=summary["mod"]["gate_mean"],
+                       mod_gate_std=summary["mod"]["gate_std"])
+        if "moh" in summary:
+            out["moh_head_usage"] = summary["moh"]["head_usage"]
         return out
 
     def tokens(self, batch: dict) -> int:
@@ -142,14 +189,18 @@ class ContrastiveObjective:
         self.model, self.processor, self.module = model, processor, clip
         self.max_length = max_length
 
-    def encode(self, record) -> dict:
+    def encode(self, record, image_aspect: str | None = None) -> dict:
+        """A caption record -> its tokenized caption and one view of its image. CLIP pairs one embedding
+        with one caption, so `anyres` trains the tower on its thumbnail (the `pad` view)."""
+        check_image_aspect(self.processor, image_aspect)
         caption = next(t["value"] for t in record.meta["conversations"] if t["from"] in ("gpt", "assistant"))
         tokenizer = self.processor.tokenizer
         ids = tokenizer(caption, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         if len(ids) > self.context_length:
             raise SampleTooLongError(f"sample {record.key}: caption has {len(ids)} tokens > "
                                      f"contrastive.context_length {self.context_length}")
-        pixels = self.processor.preprocess_images([decode_image(record)])
+        aspect = "pad" if self.processor.image_aspect == "anyres" else None
+        pixels = self.processor.preprocess_images([decode_image(record)], aspect=aspect)
         return {"pixel_values": pixels, "text": ids + [tokenizer.pad_token_id] * (self.context_length - len(ids)),
                 "weight": 1.0, "key": record.key}
 

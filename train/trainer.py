@@ -13,12 +13,13 @@ import math
 import os
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from mllm.builder import build_model_and_processor
-from mllm.data.loader import DataQualityError, MixtureStream, StageLoader
+from mllm.data.loader import Batching, DataQualityError, MixtureStream, StageLoader
 from mllm.data.sources import open_source
 from mllm.schema import ConfigError, dump_yaml
 from mllm.train import checkpoint as ckpt
@@ -146,6 +147,8 @@ def build_stage_model(cfg: RunConfig, index: int, init_from: Path | None):
     Earlier stages' transformations (e.g. upcycle) are applied for their structure only, since their
     weights come from `init_from`; this stage's transformation is applied to the loaded weights."""
     model, processor = build_model_and_processor(cfg.model)
+    # How images become crops travels with the processor: training, its saved copy and eval agree.
+    processor.configure_images(cfg.data.image_aspect, cfg.data.anyres_grids)
     for earlier in cfg.stages[:index]:
         apply_transformations(model, earlier, cfg.run.seed)
     if init_from is not None:
@@ -182,12 +185,19 @@ def prepare_for_training(model, cfg: RunConfig, info: DistInfo) -> None:
 
 
 def apply_transformations(model, stage: StageSpec, seed: int) -> list[int]:
-    """A stage's declared model transformations (today: `upcycle`); returns the converted layers."""
-    if stage.upcycle is None:
-        return []
-    from mllm.sparse import upcycle
+    """A stage's declared model transformations (`upcycle` to MoE, `mod` / `moh` conversion); returns the
+    layers converted to MoE."""
+    layers = []
+    if stage.upcycle is not None:
+        from mllm.sparse import upcycle
 
-    return upcycle(model, stage.upcycle, seed=seed)
+        layers = upcycle(model, stage.upcycle, seed=seed)
+    if stage.mod is not None or stage.moh is not None:
+        from mllm.sparse.depth import convert
+
+        done = convert(model, mod=stage.mod, moh=stage.moh)
+        logger.info("stage %s: %s", stage.name, ", ".join(f"{k} on decoder layers {v}" for k, v in done.items()))
+    return layers
 
 
 def merge_adapters(cfg: RunConfig, index: int, state: dict, adapter_dir: Path, info: DistInfo) -> dict:
@@ -217,7 +227,9 @@ def merge_adapters(cfg: RunConfig, index: int, state: dict, adapter_dir: Path, i
 
 
 def save_model_folder(cfg: RunConfig, weights: Path, folder: Path) -> None:
-    """The trained model in transformers layout (config + safetensors + processor) for eval / export."""
+    """The trained model in transformers layout (config + safetensors + processor) for eval / export. The
+    processor (configured by build_stage_model) carries data.image_aspect / data.anyres_grids into
+    processor_config.json, so `mllm eval`, generate and export preprocess images as training did."""
     model, processor = build_stage_model(cfg, len(cfg.stages), weights)
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
@@ -226,6 +238,7 @@ def save_model_folder(cfg: RunConfig, weights: Path, folder: Path) -> None:
 def stage_result_model(cfg: RunConfig, index: int, final: Path):
     """The model stage `index` produced (its transformations applied, `final/` loaded), eval mode."""
     model, processor = build_model_and_processor(cfg.model)
+    processor.configure_images(cfg.data.image_aspect, cfg.data.anyres_grids)  # stage eval / export as trained
     for earlier in cfg.stages[: index + 1]:
         apply_transformations(model, earlier, cfg.run.seed)
     ckpt.load_weights(model, final)
@@ -234,13 +247,13 @@ def stage_result_model(cfg: RunConfig, index: int, final: Path):
 
 def evaluate_run(cfg: RunConfig, out: Path, model=None, processor=None, name: str = "eval.json") -> None:
     """Held-out exact match of the trained model (the recipe's `eval:` section) -> `<out>/<name>`."""
-    from mllm.train.evaluate import evaluate, format_report, load_for_inference, write_expert_load_plot
+    from mllm.train.evaluate import evaluate, format_report, load_for_inference, write_eval_plots
 
     if model is None:
         model, processor = load_for_inference(out / "model")
     report = evaluate(model, processor, cfg.eval.source.path, max_samples=cfg.eval.max_samples,
                       batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens)
-    write_expert_load_plot(report, out / "expert_load.png")
+    write_eval_plots(report, out)
     (out / name).write_text(json.dumps(report, indent=2))
     logger.info("held-out evaluation of %s (%s):\n%s", out, cfg.eval.source.path, format_report(report))
 
@@ -320,6 +333,7 @@ def train_stage(cfg: RunConfig, index: int, init_from: Path | None, info: DistIn
                 save(step)
             raise Stopped(f"preempted (SIGTERM) in stage {stage.name} at step {step}; checkpoint saved")
     guard.remove()
+    loader.close()  # stop the data workers
     if progress is not None:
         progress.close()
     if step >= stage.steps:
@@ -433,13 +447,29 @@ def averaged_grad_norm(module) -> float:
 
 
 def make_loader(cfg: RunConfig, stage: StageSpec, objective, info: DistInfo) -> StageLoader:
+    """The stage's data: its mixture, batched as `data:` says (packing / length grouping over a window of
+    `data.buffer_size` samples), built in `data.num_workers` DataLoader workers."""
+    data = cfg.data
     sources = [open_source(source_spec(s)) for s in stage.data]
     stream = MixtureStream(sources, [s.weight for s in stage.data], seed=cfg.run.seed)
-    return StageLoader(stream, objective.encode, objective.collate,
+    per_step = stage.micro_batch_size * stage.grad_accum
+    window_steps = max(1, -(-data.buffer_size // per_step))
+    mode = "packed" if data.packing else "grouped" if data.group_by_length else "fixed"
+    if mode != "fixed" and objective.name != "lm":  # packing and length grouping need input_ids
+        logger.warning("stage %s: the %s objective has no token lengths; data.%s ignored", stage.name,
+                       objective.name, "packing" if data.packing else "group_by_length")
+        mode = "fixed"
+    if mode == "grouped" and window_steps * stage.grad_accum == 1:
+        logger.warning("stage %s: data.group_by_length has no effect with one micro-batch per window; set "
+                       "data.buffer_size to several micro-batches of samples (e.g. %d)", stage.name, 8 * per_step)
+    return StageLoader(stream, partial(objective.encode, image_aspect=data.image_aspect), objective.collate,
                        micro_batch_size=stage.micro_batch_size, grad_accum=stage.grad_accum,
                        world_size=info.world_size, rank=info.rank,
-                       max_bad_fraction=cfg.data.max_bad_fraction,
-                       min_samples_before_abort=cfg.data.min_samples_before_abort)
+                       max_bad_fraction=data.max_bad_fraction,
+                       min_samples_before_abort=data.min_samples_before_abort,
+                       batching=Batching(mode, window_steps, data.max_length),
+                       num_workers=data.num_workers, prefetch_factor=data.prefetch_factor,
+                       pin_memory=torch.cuda.is_available())
 
 
 def source_spec(spec) -> dict:
@@ -448,6 +478,8 @@ def source_spec(spec) -> dict:
         out["image_root"] = spec.image_root
     if spec.question_types:
         out["question_types"] = list(spec.question_types)
+    if spec.cache_dir is not None:
+        out["cache_dir"] = spec.cache_dir
     return out
 
 

@@ -48,7 +48,7 @@ def _section_is_active(section) -> bool:
 
 
 # Sections the export's remote code (mllm/export/remote) computes exactly.
-REMOTE_SECTIONS = ("attention", "moe")
+REMOTE_SECTIONS = ("attention", "moe", "mod", "moh")
 
 
 def check_llava_exportable(config: MLLMConfig, remote_code: bool = False) -> None:
@@ -158,6 +158,10 @@ def to_llava(model: MLLMForConditionalGeneration, share_weights: bool = False,
 
             std = getattr(model.config.text_config, "initializer_range", 0.02)
             build_moe_layers(llava.model.language_model, model.config.moe, std)
+        if model.config.mod is not None or model.config.moh is not None:
+            from mllm.sparse.depth import build_dynamic_layers
+
+            build_dynamic_layers(llava.model.language_model, model.config)
 
     parts = _parts(model, vision_tower)
     state = {prefix + key: value for prefix, part in parts.items() for key, value in part.state_dict().items()}

@@ -18,7 +18,7 @@ import re
 from pathlib import Path
 
 ENTRY_FILES = ("configuration_mllm_llava.py", "modeling_mllm_llava.py")
-SPARSE_MODULES = ("config", "routing", "experts", "moe", "mot", "attention_experts", "upcycle")
+SPARSE_MODULES = ("config", "routing", "experts", "moe", "mot", "attention_experts", "upcycle", "mod", "moh", "depth")
 MODEL_TYPE = "mllm_llava"
 ARCHITECTURE = "MLLMLlavaForConditionalGeneration"
 AUTO_MAP = {
@@ -72,7 +72,7 @@ def imported_packages(source: str) -> set[str]:
 
 
 def write_remote_code(folder: Path, *, mma_mode: str | None = None, mma_assistant_token_id: int | None = None,
-                      moe: dict | None = None) -> None:
+                      moe: dict | None = None, mod: dict | None = None, moh: dict | None = None) -> None:
     """Copy the remote-code files into a saved Llava folder and point config.json's Auto classes at them."""
     import sys
 
@@ -88,7 +88,7 @@ def write_remote_code(folder: Path, *, mma_mode: str | None = None, mma_assistan
     config_path = folder / "config.json"
     config = json.loads(config_path.read_text())
     config.update(model_type=MODEL_TYPE, architectures=[ARCHITECTURE], auto_map=AUTO_MAP, mma_mode=mma_mode,
-                  mma_assistant_token_id=mma_assistant_token_id, moe=moe)
+                  mma_assistant_token_id=mma_assistant_token_id, moe=moe, mod=mod, moh=moh)
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
 
 

@@ -69,7 +69,7 @@ def test_eval_command_reports_expert_load_of_an_moe_model(world, moe_run, tmp_pa
     report = json.loads((tmp_path / "eval.json").read_text())
     load = report["moe"]["expert_load"]
     assert len(load) == 2 and all(abs(sum(layer[1]) - 1) < 1e-6 for layer in load)
-    assert (tmp_path / "expert_load.png").exists() and "expert load heatmap" in proc.stdout
+    assert (tmp_path / "expert_load.png").exists() and "expert_load.png" in proc.stdout
     # The default export carries the MoE layers as remote code; plain Llava is refused, naming the section.
     proc = mllm("export", str(moe_run), str(tmp_path / "export"))
     assert "verified" in proc.stdout and json.loads((tmp_path / "export" / "config.json").read_text())["moe"]

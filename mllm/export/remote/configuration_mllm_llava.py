@@ -19,3 +19,6 @@ class MLLMLlavaConfig(LlavaConfig):
     mma_assistant_token_id: int | None = None
     # Modality-aware MoE / MoT / attention experts in the decoder (mllm's MoESpec as a dict); None = dense.
     moe: dict | None = None
+    # Mixture-of-Depths over image tokens / Mixture-of-Head attention (mllm's MoDSpec / MoHSpec as dicts).
+    mod: dict | None = None
+    moh: dict | None = None

@@ -1,8 +1,9 @@
 """transformers' Llava plus the mllm extensions an exported model was trained with (written by `mllm export`).
 
 The weights are a Llava checkpoint; the language model's decoder layers may additionally hold
-modality-aware MoE blocks (and MoT / attention-expert projections), rebuilt here from `config.moe` by the
-same code that trained them (the `sparse_*.py` siblings are mllm's own files with their imports made
+modality-aware MoE blocks (and MoT / attention-expert projections), Mixture-of-Depths routers over image
+tokens and Mixture-of-Head attention, rebuilt here from `config.moe` / `.mod` / `.moh` by the same code
+that trained them (the `sparse_*.py` siblings are mllm's own files with their imports made
 relative). Modality comes from the input ids: image positions are exactly the image tokens, which also
 holds for cached decoding, where only new text tokens arrive.
 
@@ -19,6 +20,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .configuration_mllm_llava import MLLMLlavaConfig
 from .mma_layout import compute_layout, dense_mask
+from .sparse_depth import build_dynamic_layers
 from .sparse_routing import RoutingContext, set_routing_context
 from .sparse_upcycle import build_moe_layers
 
@@ -63,6 +65,8 @@ class MLLMLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         if config.moe is not None:
             std = getattr(config.text_config, "initializer_range", 0.02)
             build_moe_layers(self.model.language_model, config.moe, std)
+        if config.mod is not None or config.moh is not None:  # Mixture-of-Depths / Mixture-of-Head
+            build_dynamic_layers(self.model.language_model, config)
         self._routed = [m for m in self.model.language_model.modules() if hasattr(m, "routing_context")]
 
     @property
@@ -81,7 +85,8 @@ class MLLMLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             )
         if self._routed:
             if input_ids is None:
-                raise ValueError("an MoE export routes by modality and needs input_ids (not inputs_embeds)")
+                raise ValueError("this export routes by modality (MoE / MoD / MoH) and needs input_ids, not "
+                                 "inputs_embeds")
             seq = input_ids.shape[1]
             modality = (input_ids == self.config.image_token_id).long()  # [B, T]
             valid = attention_mask[:, -seq:].bool() if attention_mask is not None else torch.ones_like(modality).bool()
