@@ -196,6 +196,34 @@ def _probe_image(size: int = 64):
     return Image.new("RGB", (size + 16, size), (127, 64, 32))
 
 
+def llava_image_processor(processor):
+    """The image processor of the export, preprocessing exactly as the model was trained.
+
+    `resize`: ours as is. `pad` (LLaVA-1.5's pad-to-square with the mean colour): transformers'
+    `LlavaImageProcessor(do_pad=True)` with the same resize / crop / normalisation computes the same pixels.
+    `anyres` (a thumbnail plus tiles per image) has no Llava equivalent and is refused."""
+    aspect = getattr(processor, "image_aspect", "resize")
+    if aspect == "resize":
+        return processor.image_processor
+    if aspect == "anyres":
+        raise ValueError(
+            f"the model was trained with data.image_aspect=anyres (a thumbnail plus tiles per image, grids "
+            f"{getattr(processor, 'anyres_grids', None)}); LlavaProcessor expands <image> to one crop and cannot "
+            "tile, so the export would see different inputs. Use the mllm model folder (mllm eval / generate), or "
+            "train with image_aspect pad or resize")
+    from transformers import CLIPImageProcessor, LlavaImageProcessor
+
+    source = processor.image_processor
+    if not isinstance(source, CLIPImageProcessor):
+        raise ValueError(f"image_aspect pad is exported through LlavaImageProcessor(do_pad=True), which needs a "
+                         f"CLIP-style image processor; this model has {type(source).__name__}")
+    return LlavaImageProcessor(do_pad=True, size=source.size, crop_size=source.crop_size,
+                               do_center_crop=source.do_center_crop, resample=source.resample,
+                               image_mean=source.image_mean, image_std=source.image_std,
+                               do_convert_rgb=True, do_rescale=source.do_rescale, rescale_factor=source.rescale_factor,
+                               do_normalize=source.do_normalize)
+
+
 def to_llava_processor(processor, model_config: MLLMConfig) -> LlavaProcessor:
     """A `LlavaProcessor` producing exactly the input_ids and pixel_values of our `MLLMProcessor`.
 
@@ -204,11 +232,12 @@ def to_llava_processor(processor, model_config: MLLMConfig) -> LlavaProcessor:
     """
     vision_config = model_config.vision_config
     patch_size = vision_config.patch_size if isinstance(vision_config.patch_size, int) else vision_config.patch_size[0]
+    image_processor = llava_image_processor(processor)
     tokenizer = copy.deepcopy(processor.tokenizer)
     tokenizer.padding_side = "left"
     tokenizer.init_kwargs["padding_side"] = "left"  # what save_pretrained writes
     llava_processor = LlavaProcessor(
-        image_processor=processor.image_processor,
+        image_processor=image_processor,
         tokenizer=tokenizer,
         patch_size=patch_size,
         vision_feature_select_strategy=llava_vision_feature_select_strategy(model_config),

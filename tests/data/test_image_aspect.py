@@ -47,5 +47,6 @@ def test_pad_keeps_the_whole_image_and_its_bars_normalise_to_zero(tiny, tokenize
 
 def test_image_aspect_is_a_checked_config_key():
     assert from_dict(DataSpec, {"image_aspect": "pad"}).image_aspect == "pad"
-    with pytest.raises(ConfigError, match="'resize', 'pad'"):
-        from_dict(DataSpec, {"image_aspect": "anyres"})
+    assert from_dict(DataSpec, {"image_aspect": "anyres"}).image_aspect == "anyres"
+    with pytest.raises(ConfigError, match="'resize', 'pad', 'anyres'"):
+        from_dict(DataSpec, {"image_aspect": "crop"})

@@ -159,3 +159,24 @@ def test_export_folder_has_card_metadata_generation_config_and_shards(tokenizer_
     with pytest.raises(ValueError, match="base_model_relation"):
         save_export(model, processor, tmp_path / "bad", base_model="x", base_model_relation="cousin")
     assert not (tmp_path / "bad").exists()
+
+
+def test_pad_trained_processor_exports_as_llava_padding_and_anyres_is_refused(tokenizer_dir, tmp_path):
+    """`data.image_aspect: pad` travels into the export (LlavaImageProcessor do_pad): same pixels on a
+    non-square image; `anyres` cannot be expressed by LlavaProcessor and is refused before writing."""
+    from PIL import Image
+
+    model, processor = build(tokenizer_dir, None, case="clip-qwen2")
+    processor.configure_images("pad")
+    out = save_export(model, processor, tmp_path / "pad")
+    exported = AutoProcessor.from_pretrained(out, trust_remote_code=True)
+    wide = Image.new("RGB", (96, 40), (200, 30, 30))
+    ours = processor(images=[wide], text=prompts(processor)[:1])["pixel_values"]
+    theirs = exported(images=[wide], text=prompts(processor)[:1], return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(theirs, ours, atol=1e-6, rtol=0)
+    resized = processor.preprocess_images([wide], aspect="resize")
+    assert (resized - ours).abs().max() > 0.5  # padding really changed the pixels
+    processor.configure_images("anyres")
+    with pytest.raises(ValueError, match="anyres"):
+        save_export(model, processor, tmp_path / "anyres")
+    assert not (tmp_path / "anyres").exists()
