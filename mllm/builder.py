@@ -111,8 +111,8 @@ class ModelSpec:
     # Fewer image tokens per image before the LLM: {method: pool|pixel_shuffle|tome|vmtc, ratio: 0.25}
     # (mllm.compression); the processor expands <image> to the compressed count. None = every patch token.
     compression: CompressionSpec | None = None
-    # Start from a trained model instead of building one: a run folder, its `model/` folder, or an
-    # `mllm export` folder. The saved config is used as is, so the sections above must stay unset
+    # Start from a trained model instead of building one: a run folder, its `model/` folder, a stage's
+    # `final/` or `checkpoints/step-N` (any ZeRO stage), or an `mllm export` folder. The saved config is used as is, so the sections above must stay unset
     # (`kernels` still applies: it only changes how training computes).
     init_from: str | None = None
 
@@ -190,7 +190,8 @@ def attention_config(spec: AttentionSpec, tokenizer) -> dict | None:
 
 
 def load_trained(path: str, dtype: torch.dtype = torch.float32):
-    """Model + processor from a run folder, a saved model folder, or an `mllm export` folder."""
+    """Model + processor from a run folder, a saved model folder, a stage's final/ or checkpoint folder (in
+    its run), or an `mllm export` folder."""
     import json
     from pathlib import Path
 
@@ -198,9 +199,14 @@ def load_trained(path: str, dtype: torch.dtype = torch.float32):
     if (folder / "model" / "config.json").is_file():  # a run folder
         folder = folder / "model"
     config_file = folder / "config.json"
+    if not config_file.is_file() and ((folder / "state").is_dir() or (folder / "COMMITTED").is_file()):
+        from mllm.export.inputs import load_export_source  # a stage's final/ or a training checkpoint
+
+        loaded = load_export_source(folder, merge_lora=True)  # a LoRA stage's checkpoint: merged, then trained on
+        return loaded.model.to(dtype), loaded.processor
     if not config_file.is_file():
         raise ConfigError(f"model.init_from {path}: no config.json there (nor in {path}/model); give a run folder, "
-                          "its model/ folder or an mllm export folder")
+                          "its model/ folder, a stage's final/ or checkpoints/step-N folder, or an mllm export")
     model_type = json.loads(config_file.read_text()).get("model_type")
     if model_type == MLLMConfig.model_type:
         model = MLLMForConditionalGeneration.from_pretrained(folder, dtype=dtype)

@@ -138,3 +138,16 @@ def test_a_config_mixing_init_from_with_a_model_section_is_refused(world, tmp_pa
     recipe["model"]["init_from"] = str(tmp_path)
     proc = mllm("train", str(write_recipe(world, "bad_init", recipe)), check=False)
     assert proc.returncode == 2 and "init_from" in proc.stderr and "model.vision" in proc.stderr
+
+
+def test_lora_stage_from_a_training_checkpoint(world, lora_run):
+    """init_from a mid-LoRA checkpoint of another run: consolidated and merged as `mllm export --merge-lora`
+    does, then a new LoRA stage trains on top."""
+    recipe = lora_recipe(world, "run_lora_from_ckpt", steps=2, save_every=0)
+    recipe["model"] = {"init_from": str(lora_run / "stage1-lora" / "checkpoints" / "step-00000002")}
+    recipe["stages"] = recipe["stages"][1:]
+    mllm("train", str(write_recipe(world, "lora_from_ckpt", recipe)))
+    adapter = world / "run_lora_from_ckpt" / "stage0-lora" / "adapter"
+    assert (adapter / "adapter_model.safetensors").is_file()
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"].endswith(
+        "step-00000002")
