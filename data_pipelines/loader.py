@@ -91,6 +91,20 @@ class MixtureStream:
         source_idx, idx = self._order(epoch)[offset]
         return self.sources[int(source_idx)][int(idx)]
 
+    def source_counts(self, start: int, stop: int) -> np.ndarray:
+        """How many of the global positions [start, stop) each source supplies (no record is read)."""
+        counts = np.zeros(len(self.sources), dtype=np.int64)
+        while start < stop:
+            epoch, offset = divmod(start, self.epoch_len)
+            end = min(stop - epoch * self.epoch_len, self.epoch_len)
+            counts += np.bincount(self._order(epoch)[offset:end, 0], minlength=len(self.sources))
+            start = epoch * self.epoch_len + end
+        return counts
+
+    def source_names(self) -> list[str]:
+        # Indexed: two sources may share a file (e.g. the same JSON filtered to different question types).
+        return [f"{i}:{getattr(source, 'name', 'source')}" for i, source in enumerate(self.sources)]
+
 
 @dataclass(frozen=True)
 class Batching:
@@ -213,6 +227,8 @@ class StageLoader:
                                      world_size, rank)
         self.position = 0
         self.seen = 0
+        self._mix_counts = np.zeros(len(stream.sources), dtype=np.int64)  # positions [0, _mix_position)
+        self._mix_position = 0
         self.rejected: Counter[str] = Counter()
         self.rejected_keys: dict[str, list[str]] = {}  # first few keys per reason, for the abort message
         self._fallback_position: int | None = None
@@ -287,6 +303,18 @@ class StageLoader:
             keys.append(key)
         if sum(self.rejected.values()) <= MAX_LOGGED_REJECTIONS:
             logger.warning("skipping %s: %s", key, message)
+
+    def mix(self) -> dict[str, float]:
+        """The realised share of each source over the stage so far (the whole global batch, every rank agrees
+        without communicating: positions decide the source). The weights fix it exactly per epoch."""
+        self._mix_counts += self.stream.source_counts(self._mix_position, self.position)
+        self._mix_position = self.position
+        total = max(1, int(self._mix_counts.sum()))
+        return {name: int(n) / total for name, n in zip(self.stream.source_names(), self._mix_counts)}
+
+    def target_mix(self) -> dict[str, float]:
+        counts = np.array(self.stream.counts, dtype=np.float64)
+        return {name: float(n) for name, n in zip(self.stream.source_names(), counts / counts.sum())}
 
     def quality_problem(self) -> str | None:
         """A message when this rank rejected too many samples (the trainer agrees across ranks)."""

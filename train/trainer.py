@@ -287,6 +287,9 @@ def train_stage(cfg: RunConfig, index: int, init_from: Path | None, info: DistIn
         logger.info("stage %d (%s): %s\n%s", index, stage.name, stage.objective, param_table(objective.module))
     engine = build_engine(objective.module, groups, stage, cfg, info, lr_lambda(stage))
     loader = make_loader(cfg, stage, objective, info)
+    if info.is_main:
+        logger.info("stage %s data mix per epoch: %s", stage.name,
+                    {name: round(share, 4) for name, share in loader.target_mix().items()})
 
     step = 0
     latest = ckpt.committed_checkpoints(folder / "checkpoints")
@@ -324,6 +327,7 @@ def train_stage(cfg: RunConfig, index: int, init_from: Path | None, info: DistIn
             progress.set_postfix(postfix)
         if step % cfg.run.log_every == 0 or step == last_step:
             record.update(objective.metrics())  # collective on every rank (MoE load and losses)
+            record["data_mix"] = loader.mix()  # realised share per source (target: loader.target_mix())
             metrics.log(record, global_step=step)
         if stage.save_every and step % stage.save_every == 0 and step < last_step:
             save(step)

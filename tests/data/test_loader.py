@@ -54,6 +54,24 @@ def test_mixture_weights_set_the_share_of_each_source():
     assert counts == {"a": 150, "b": 50}
 
 
+def test_the_realised_mix_is_reported_and_exact_per_epoch():
+    stream = MixtureStream([ListSource("a", 100), ListSource("b", 100)], [3.0, 1.0], seed=0)
+    loader = make_loader(stream, micro_batch_size=4, grad_accum=1, world_size=2)
+    assert loader.target_mix() == {"0:a": 0.75, "1:b": 0.25}
+    steps = stream.epoch_len // loader.global_batch_size  # 25 steps of 8 = one epoch of 200
+    seen = Counter()
+    for step in range(steps):
+        seen.update(key.split("-")[0] for key in loader.next_step()[0])  # rank 0's half
+        if step == 4:
+            early = loader.mix()
+            assert set(early) == {"0:a", "1:b"} and abs(sum(early.values()) - 1) < 1e-12
+    assert loader.mix() == {"0:a": 0.75, "1:b": 0.25}  # the whole global batch, both ranks: exact per epoch
+    other = make_loader(stream, micro_batch_size=4, grad_accum=1, world_size=2, rank=1)
+    other.load_state_dict(loader.state_dict())  # a resumed loader recounts from position 0
+    assert other.mix() == loader.mix()
+    assert sum(seen.values()) == 100  # rank 0 read its half of the epoch
+
+
 def test_resume_from_state_continues_the_same_sequence():
     stream = MixtureStream([ListSource("a", 7), ListSource("b", 5)], [1.0, 1.0], seed=3)
     full = make_loader(stream)

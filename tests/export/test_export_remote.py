@@ -136,7 +136,7 @@ def test_flatten_imports_rewrites_and_refuses():
     with pytest.raises(RuntimeError, match="mllm.kernels"):
         flatten_imports("from mllm.kernels import rms_norm\n", "x")
     with pytest.raises(RuntimeError, match="SPARSE_MODULES"):
-        flatten_imports("from mllm.sparse.mod import MoD\n", "x")
+        flatten_imports("from mllm.sparse.experimental import Thing\n", "x")
 
 
 def test_export_folder_has_card_metadata_generation_config_and_shards(tokenizer_dir, tmp_path):

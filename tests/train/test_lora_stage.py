@@ -72,6 +72,9 @@ def assert_adapter_reloads_to_merged(run: Path, world: Path) -> None:
 
 def test_lora_stage_trains_adapters_and_final_holds_the_merge(world, lora_run):
     assert sorted(losses(lora_run, "lora")) == [1, 2, 3, 4]
+    records = [json.loads(line) for line in (lora_run / "metrics.jsonl").read_text().splitlines()]
+    assert all(abs(sum(r["data_mix"].values()) - 1) < 1e-9 for r in records if "data_mix" in r)
+    assert any("data_mix" in r for r in records)
     # `eval: true` on the instruct stage: accuracy before the LoRA stage, beside the run's final eval.
     for report in (lora_run / "stage0-instruct" / "eval.json", lora_run / "eval.json"):
         assert json.loads(report.read_text())["n"] > 0
