@@ -36,6 +36,7 @@ import torch
 from mllm.compression.config import CompressionSpec
 from mllm.configuration import MLLMConfig, OpenCLIPVisionConfig
 from mllm.sparse.config import MoESpec
+from mllm.sparse.mod import MoDSpec
 
 TRAIN_FACTOR = 3  # forward + backward = 3x forward (input grad + weight grad)
 
@@ -276,6 +277,36 @@ def llm_attention_flops_per_pair(config: MLLMConfig) -> float:
     return (shape.layers - bam_layers) * per_layer + bam_layers * spec.attention_experts * per_layer
 
 
+def mod_skipped_flops(config: MLLMConfig, input_ids: torch.Tensor, real: torch.Tensor,
+                      kv_start: torch.Tensor | None = None, kv_end: torch.Tensor | None = None) -> tuple[float, float]:
+    """Forward (matmul FLOPs, attention FLOPs) that Mixture-of-Depths skips in a batch, net of its routers.
+
+    A skipped image token still runs its layer's k/v projections; its q/o projections, its FFN and its
+    attention row are not computed. Which image tokens a router skips is data-dependent, so their
+    attention rows are counted at the mean window of the row's image tokens."""
+    if config.mod is None:
+        return 0.0, 0.0
+    spec, shape = MoDSpec.from_config(config.mod), LLMShape.from_config(config.text_config)
+    image = (input_ids == config.image_token_id) & real
+    count = image.sum(1).double()  # [B]
+    if kv_start is not None:
+        window = (kv_end.long() - kv_start.long()).clamp(min=0).double()
+    else:
+        window = real.long().cumsum(1).double()  # causal: the real keys up to and including t
+    mean_window = (window * image).sum(1) / count.clamp(min=1)
+    moe = moe_spec(config)
+    moe_layers = set(moe.layer_indices(shape.layers)) if moe is not None else set()
+    q_o = 2 * 2 * shape.hidden * shape.heads * shape.head_dim
+    router = 2 * shape.hidden * float(real.sum())  # the router scores every token of a routed layer
+    matmul = attention = 0.0
+    for layer, capacity in spec.capacities(shape.layers).items():
+        skipped = count - torch.ceil(count * capacity)
+        ffn = _moe_ffn_flops(moe, shape) if layer in moe_layers else shape.gated_ffn
+        matmul += float(skipped.sum()) * (q_o + ffn) - router
+        attention += float((skipped * mean_window).sum()) * 4 * shape.heads * shape.head_dim
+    return matmul, attention
+
+
 # ------------------------------------------------------------------------------------------------
 # Attention pairs
 # ------------------------------------------------------------------------------------------------
@@ -388,7 +419,12 @@ def batch_flops(config: MLLMConfig, input_ids: torch.Tensor | None = None,
             raise ValueError(f"input_ids hold {image_tokens} image tokens, not a multiple of the "
                              f"{per_image} tokens per image; pass num_images explicitly")
     pairs = attention_pairs(attention_mask, kv_start, kv_end, shape=tuple(ref.shape))
-    return model_flops(config, num_tokens, pairs, num_images, frozen_vision)
+    count = model_flops(config, num_tokens, pairs, num_images, frozen_vision)
+    if config.mod is not None and input_ids is not None:
+        matmul, attention = mod_skipped_flops(config, input_ids, real.to(input_ids.device), kv_start, kv_end)
+        count = dataclasses.replace(count, llm_matmul=count.llm_matmul - matmul,
+                                    llm_attention=count.llm_attention - attention)
+    return count
 
 
 # ------------------------------------------------------------------------------------------------

@@ -112,8 +112,9 @@ RESUMABLE_CHANGES = {"steps", "save_every"}
 
 
 def config_diff(saved: dict, current: dict, committed_stages: int) -> list[str]:
-    """Fields that make `saved` checkpoints unusable for `current`: the model, the seed and dtype, and every
-    field except steps / save_every of the stages that already have checkpoints."""
+    """Fields that make `saved` checkpoints unusable for `current`: the model, the seed and dtype, the data
+    settings (except worker counts), and every field except steps / save_every of the stages that already
+    have checkpoints."""
     lines = []
 
     def compare(a, b, where):
@@ -128,6 +129,10 @@ def config_diff(saved: dict, current: dict, committed_stages: int) -> list[str]:
             {k: v for k, v in (current.get("model") or {}).items() if k != "kernels"}, "model")
     for key in ("seed", "dtype"):
         compare(saved.get("run", {}).get(key), current.get("run", {}).get(key), f"run.{key}")
+    # Data settings decide which samples each step sees and how they are encoded; worker counts do not.
+    runtime_only = ("num_workers", "prefetch_factor")
+    compare({k: v for k, v in (saved.get("data") or {}).items() if k not in runtime_only},
+            {k: v for k, v in (current.get("data") or {}).items() if k not in runtime_only}, "data")
     saved_stages, current_stages = saved.get("stages", []), current.get("stages", [])
     for i in range(min(committed_stages, len(saved_stages))):
         if i >= len(current_stages):

@@ -258,3 +258,23 @@ def test_mfu():
     assert mfu(100e12, "NVIDIA H100 80GB HBM3", peak_tflops=400.0) == pytest.approx(0.25)  # override wins
     with pytest.raises(ValueError, match="peak_tflops"):
         mfu(1.0, None, peak_tflops=0.0)
+
+
+# ---------------------------------------------------------------------------------------- MoD
+
+
+@pytest.mark.parametrize("capacity", [1.0, 0.3])
+def test_mod_counts_what_the_skipped_tokens_do_not_run(tiny, capacity):
+    """Skipped image tokens: no q/o projection, FFN or attention row; the router runs on every token."""
+    from mllm.sparse.depth import convert
+    from mllm.sparse.mod import MoDSpec
+
+    model = tiny.model("clip", seed=1)
+    convert(model, mod=MoDSpec(capacity=capacity, skip_first=0))
+    ids = unpadded_batch(model.config)
+    with counter() as fc, torch.no_grad():
+        model(input_ids=ids, pixel_values=tiny.pixel_values(2))
+    ours = batch_flops(model.config, ids, **all_pairs(ids))
+    assert ours.forward == fc.get_total_flops()
+    dense = batch_flops(tiny.config("clip"), ids, **all_pairs(ids))
+    assert (ours.forward < dense.forward) == (capacity < 1.0)

@@ -186,6 +186,10 @@ def test_config_diff_allows_more_steps_kernel_switches_and_ignores_stages_withou
                "stages": [{"name": "s0", "lr": 1.0, "steps": 50}, {"name": "s1", "lr": 3.0}]}
     assert config_diff(saved, current, committed_stages=1) == []
     assert config_diff(saved, current, committed_stages=2) == ["stages[1].lr: 2.0 (checkpoint) != 3.0 (now)"]
+    # Data settings that change what a step sees are refused; worker counts are a runtime choice.
+    saved["data"] = {"image_aspect": "resize", "num_workers": 0, "buffer_size": 0}
+    current["data"] = {"image_aspect": "pad", "num_workers": 2, "buffer_size": 0}
+    assert config_diff(saved, current, committed_stages=1) == ["data.image_aspect: 'resize' (checkpoint) != 'pad' (now)"]
 
 
 def test_resume_never_refuses_and_resume_path_continues_from_that_checkpoint(world, full_run):
