@@ -14,6 +14,19 @@ MODALITIES = ("text", "image")  # modality id 0 = text, 1 = image (the processor
 NUM_MODALITIES = len(MODALITIES)
 
 
+def select_layers(layers, num_layers: int, section: str) -> list[int]:
+    """Decoder layer indices for `layers: all | every_other | [i, ...]` (every_other = 1, 3, 5, ... as
+    MoE-LLaVA; negative indices count from the end)."""
+    if layers == "all":
+        return list(range(num_layers))
+    if layers == "every_other":
+        return list(range(1, num_layers, 2))
+    bad = [i for i in layers if not -num_layers <= i < num_layers]
+    if bad:
+        raise ConfigError(f"{section}.layers {bad} out of range for a {num_layers}-layer backbone")
+    return sorted({i % num_layers for i in layers})
+
+
 @dataclass
 class MoESpec:
     """A modality-aware MoE FFN in the selected decoder layers.
@@ -88,14 +101,7 @@ class MoESpec:
         return sum(self.group_sizes)
 
     def layer_indices(self, num_layers: int) -> list[int]:
-        if self.layers == "all":
-            return list(range(num_layers))
-        if self.layers == "every_other":
-            return list(range(1, num_layers, 2))
-        bad = [i for i in self.layers if not -num_layers <= i < num_layers]
-        if bad:
-            raise ConfigError(f"moe.layers {bad} out of range for a {num_layers}-layer backbone")
-        return sorted({i % num_layers for i in self.layers})
+        return select_layers(self.layers, num_layers, "moe")
 
     def to_config(self) -> dict:
         """The plain dict stored in `MLLMConfig.moe` (only MoESpec's own fields)."""

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mllm.schema import ConfigError, from_dict, to_dict
+from mllm.sparse.config import select_layers
 
 
 @dataclass
@@ -58,16 +59,7 @@ class MoDSpec:
             raise ConfigError("layers is an empty list; use 'all', 'every_other' or layer indices")
 
     def layer_indices(self, num_layers: int) -> list[int]:
-        if self.layers == "all":
-            chosen = range(num_layers)
-        elif self.layers == "every_other":
-            chosen = range(1, num_layers, 2)
-        else:
-            bad = [i for i in self.layers if not -num_layers <= i < num_layers]
-            if bad:
-                raise ConfigError(f"mod.layers {bad} out of range for a {num_layers}-layer backbone")
-            chosen = {i % num_layers for i in self.layers}
-        return sorted(i for i in chosen if i >= self.skip_first)
+        return [i for i in select_layers(self.layers, num_layers, "mod") if i >= self.skip_first]
 
     def capacities(self, num_layers: int) -> dict[int, float]:
         """Layer index -> capacity, for the routed layers."""

@@ -25,6 +25,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
 from mllm.schema import ConfigError, from_dict, to_dict
+from mllm.sparse.config import select_layers
 
 
 @dataclass
@@ -42,14 +43,7 @@ class MoHSpec:
             raise ConfigError("layers is an empty list; use 'all', 'every_other' or layer indices")
 
     def layer_indices(self, num_layers: int) -> list[int]:
-        if self.layers == "all":
-            return list(range(num_layers))
-        if self.layers == "every_other":
-            return list(range(1, num_layers, 2))
-        bad = [i for i in self.layers if not -num_layers <= i < num_layers]
-        if bad:
-            raise ConfigError(f"moh.layers {bad} out of range for a {num_layers}-layer backbone")
-        return sorted({i % num_layers for i in self.layers})
+        return select_layers(self.layers, num_layers, "moh")
 
     def to_config(self) -> dict:
         return {k: to_dict(v) for k, v in self.__dict__.items()}
