@@ -3,9 +3,10 @@
 Part 1, `step` (always): training steps (forward + backward + AdamW) of the same model dense and
 converted to MoD (capacity `--capacity` of the image tokens in every layer after the first), on identical
 LLaVA-style batches of `image tokens + text tokens`. Printed: tokens/s of each and the ratio MoD / dense.
+The configurations are scripts/bench_train.py's:
   cpu576 (CPU default)  256-wide 4-layer Llama, a 1-layer CLIP tower with 576 image tokens (48 px, patch 2),
                         2 samples x (576 + 64) tokens
-  demo                  the demo's size (9 image tokens per sample): what MoD can buy when images are short
+  tiny                  the demo's size (9 image tokens per sample): what MoD can buy when images are short
   1b     (CUDA default) ~1.1B Llama + ViT-L/14-336 (576 image tokens), 4 x (576 + 256) tokens, bf16
 
 Part 2, `--demo-run RUN` (optional): the trained demo model RUN/model is continue-trained `--demo-steps`
@@ -32,56 +33,17 @@ from pathlib import Path
 
 import torch
 import yaml
-from transformers import CLIPVisionConfig, LlamaConfig
 
-from mllm.configuration import MLLMConfig
+import bench_train  # the model configurations and batches (scripts/ is on sys.path when this runs)
 from mllm.modeling import MLLMForConditionalGeneration, causal_lm_loss_sum
 from mllm.sparse.depth import convert
 from mllm.sparse.mod import MoDSpec
 
 ROOT = Path(__file__).resolve().parents[1]
-IMAGE_TOKEN = 4
-CONFIGS = {
-    "cpu576": dict(vision=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
-                               image_size=48, patch_size=2),
-                   text=dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
-                             num_key_value_heads=2, vocab_size=512),
-                   batch=2, text_tokens=64),
-    "demo": dict(vision=dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
-                             image_size=48, patch_size=16),
-                 text=dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
-                           num_key_value_heads=2, vocab_size=512),
-                 batch=32, text_tokens=40),
-    "1b": dict(vision=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                           image_size=336, patch_size=14),
-               text=dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-                         num_key_value_heads=4, vocab_size=32000),
-               batch=4, text_tokens=256),
-}
 
 
 def build(name: str) -> MLLMForConditionalGeneration:
-    spec = CONFIGS[name]
-    config = MLLMConfig(vision_config=CLIPVisionConfig(**spec["vision"]),
-                        text_config=LlamaConfig(**spec["text"], max_position_embeddings=4096), image_token_id=IMAGE_TOKEN)
-    torch.manual_seed(0)
-    return MLLMForConditionalGeneration(config)
-
-
-def batches(config, spec: dict, n: int, device) -> list[dict]:
-    g = torch.Generator().manual_seed(0)
-    image = [IMAGE_TOKEN] * config.num_image_tokens
-    out = []
-    for _ in range(n):
-        ids = torch.tensor([[9] + image + torch.randint(10, config.vocab_size, (spec["text_tokens"],), generator=g).tolist()
-                            for _ in range(spec["batch"])])
-        labels = ids.clone()
-        labels[:, : 1 + len(image) + spec["text_tokens"] // 3] = -100
-        size = config.vision_config.image_size
-        out.append({"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
-                    "labels": labels.to(device),
-                    "pixel_values": torch.randn(spec["batch"], 3, size, size, generator=g).to(device)})
-    return out
+    return bench_train.build(name, None)
 
 
 def make_step(model, dtype, device):
@@ -111,8 +73,8 @@ def step_benchmark(args, device, dtype) -> dict:
     dense = build(args.config)
     routed = copy.deepcopy(dense)
     convert(routed, mod=MoDSpec(capacity=args.capacity, skip_first=1))
-    spec = CONFIGS[args.config]
-    data = batches(dense.config, spec, args.steps + args.warmup, device)
+    spec = bench_train.CONFIGS[args.config]
+    data = bench_train.batches(dense, args.config, args.steps + args.warmup, device)
     tokens = int(data[0]["attention_mask"].sum())
     print(f"[step] {args.config}: {dense.config.num_image_tokens} image + {spec['text_tokens'] + 1} text tokens x "
           f"{spec['batch']} samples, MoD capacity {args.capacity} after layer 0, {args.steps} steps, {dtype}, "
@@ -172,7 +134,7 @@ def demo_benchmark(args) -> dict:
 def main() -> None:
     cuda = torch.cuda.is_available()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", choices=sorted(CONFIGS), default="1b" if cuda else "cpu576")
+    parser.add_argument("--config", choices=sorted(bench_train.CONFIGS), default="1b" if cuda else "cpu576")
     parser.add_argument("--capacity", type=float, default=0.2)
     parser.add_argument("--steps", type=int, default=20 if cuda else 6)
     parser.add_argument("--warmup", type=int, default=3 if cuda else 2)

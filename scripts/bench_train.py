@@ -10,6 +10,7 @@ peak memory, the mean loss (the stacks must agree), and the ratios ours / baseli
 
 Configurations:
   tiny  (CPU default)  the demo's size: 4-layer 256-wide Llama, 48px ViT with 9 image tokens
+  cpu576               the same LLM behind a 1-layer tower with 576 image tokens (48 px, patch 2), 2 x (576 + 64)
   1b    (CUDA default) ~1.1B Llama (2048 wide, 22 layers, GQA 32/4, 5632 FFN, 32k vocab) + a ViT-L/14-336
                        tower (24 layers, 1024 wide, 576 image tokens), 4 samples x (576 + 256) tokens
 
@@ -38,6 +39,12 @@ CONFIGS = {
                  text=dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
                            num_key_value_heads=2, vocab_size=512),
                  batch=32, text_tokens=40),
+    # Images dominate: 576 image tokens per sample on a tiny LLM (what MoD / compression act on; bench_mod).
+    "cpu576": dict(vision=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+                               image_size=48, patch_size=2),
+                   text=dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
+                             num_key_value_heads=2, vocab_size=512),
+                   batch=2, text_tokens=64),
     "1b": dict(vision=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
                            image_size=336, patch_size=14),
                text=dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,

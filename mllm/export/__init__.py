@@ -20,6 +20,8 @@ import os
 import shutil
 from pathlib import Path
 
+from mllm.export.remote_code import has_remote_code  # torch-free, safe to import eagerly
+
 logger = logging.getLogger(__name__)
 
 # Largest logit difference `verify_export` accepts. fp32 on both sides; the models run the same ops
@@ -167,13 +169,6 @@ def save_export(
 def save_as_llava(model, processor, out_dir: str | os.PathLike, **kwargs) -> Path:
     """`save_export(..., format="llava")`: a plain transformers Llava checkpoint."""
     return save_export(model, processor, out_dir, format="llava", **kwargs)
-
-
-def has_remote_code(folder: str | os.PathLike) -> bool:
-    """True for exports that need `trust_remote_code=True`."""
-    from mllm.export.remote_code import has_remote_code as _has
-
-    return _has(folder)
 
 
 def export_model(

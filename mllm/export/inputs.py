@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -178,6 +177,4 @@ def _from_adapter(path: Path, base, merge_lora: bool) -> ExportSource:
     model = PeftModel.from_pretrained(loaded.model, str(path)).merge_and_unload()
     loaded.model = model.eval()
     loaded.base_model_relation = "merge"
-    if loaded.base_model is None and not os.path.isabs(str(base)) and not Path(base).exists():
-        loaded.base_model = str(base)
     return loaded

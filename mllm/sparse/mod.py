@@ -128,15 +128,14 @@ class MoDLayer:
 
         attn = self.self_attn
         normed = self.input_layernorm(hidden_states)  # every token: keys and values
-        x = hidden_states.gather(1, gather)  # [B, Tk, D] the kept tokens
+        kept = hidden_states.gather(1, gather)  # [B, Tk, D] the kept tokens
         attn_out = self._attention(attn, normed, normed.gather(1, gather), index, cache, position_embeddings, context,
                                    **kwargs)
-        g = gate.gather(1, index).unsqueeze(-1).to(x.dtype)  # [B, Tk, 1]
-        x = x + g * attn_out
+        g = gate.gather(1, index).unsqueeze(-1).to(kept.dtype)  # [B, Tk, 1]
+        x = kept + g * attn_out
         x = x + g * self.mlp(self.post_attention_layernorm(x))
         # Slots past a row's kept count hold skipped tokens: write them back unchanged.
-        x = torch.where(slot_valid[..., None], x, hidden_states.gather(1, gather))
-        return hidden_states.scatter(1, gather, x)
+        return hidden_states.scatter(1, gather, torch.where(slot_valid[..., None], x, kept))
 
     def _attention(self, attn, normed, normed_kept, index, cache, position_embeddings, context, **kwargs):
         B, Tk, _ = normed_kept.shape
@@ -181,9 +180,9 @@ class MoDLayer:
         return (keys <= index.unsqueeze(-1)) & valid
 
     def _record(self, image, selected, gate) -> None:
-        with torch.no_grad():
-            stats = torch.stack([image.sum().float(), selected.sum().float(), gate[selected].sum().float(),
-                                 (gate[selected] ** 2).sum().float()])
+        with torch.no_grad():  # masked sums, not boolean indexing: no host sync
+            chosen = selected.float()
+            stats = torch.stack([image.sum().float(), chosen.sum(), (gate * chosen).sum(), (gate ** 2 * chosen).sum()])
             self.mod_stats = stats if getattr(self, "mod_stats", None) is None else self.mod_stats + stats
 
     def reset_stats(self) -> None:

@@ -12,8 +12,11 @@ from mllm.processing import SampleTooLongError
 
 
 class ListSource:
-    def __init__(self, name: str, n: int):
-        self.name, self.records = name, [Record(f"{name}-{i}", b"", {"i": i}) for i in range(n)]
+    """`n` text-only records `name-i`; indices in `bad` get keys ending in `-bad`, which `encode` rejects."""
+
+    def __init__(self, name: str, n: int, bad: tuple[int, ...] = ()):
+        self.name = name
+        self.records = [Record(f"{name}-{i}" + ("-bad" if i in bad else ""), None, {"i": i}) for i in range(n)]
 
     def __len__(self):
         return len(self.records)

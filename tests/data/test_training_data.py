@@ -5,19 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
-from mllm.data.synth import generate
-from mllm.tokenizer import train_tokenizer
-from tests.train.test_train_integration import losses, mllm, tiny_recipe, write_recipe
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("world")
-    generate(root / "data", seed=1, n_train=96, n_heldout=8, shard_size=32)
-    train_tokenizer([str(root / "data" / "corpus.txt")], root / "data" / "tokenizer", vocab_size=300)
-    return root
+from tests.train.test_train_integration import losses, mllm, tiny_recipe, world, write_recipe  # noqa: F401
 
 
 def test_packed_windows_in_workers_resume_exactly(world):

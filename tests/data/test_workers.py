@@ -16,18 +16,7 @@ import torch
 from mllm.data.loader import Batching, MixtureStream, StageLoader
 from mllm.data.shards import add_member
 from mllm.data.sources import CorruptImageError, Record, WebDatasetSource
-
-
-class ListSource:
-    def __init__(self, name: str, n: int, bad: tuple[int, ...] = ()):
-        self.name = name
-        self.records = [Record(f"{name}-{i}" + ("-bad" if i in bad else ""), None, {"i": i}) for i in range(n)]
-
-    def __len__(self):
-        return len(self.records)
-
-    def __getitem__(self, i):
-        return self.records[i]
+from tests.data.test_loader import ListSource
 
 
 def encode(record: Record) -> dict:

@@ -95,11 +95,19 @@ def test_adapter_equals_merged_equals_merge_and_unload(tiny, tmp_path, method, e
     torch.testing.assert_close(logits(reloaded, batch), adapted, atol=ATOL, rtol=0)
 
 
-def test_qlora_needs_a_gpu_and_says_so():
+def test_qlora_needs_a_gpu_and_bitsandbytes_and_says_so(monkeypatch):
+    import importlib.util
+
     spec = PeftSpec(quantize="4bit")
-    if torch.cuda.is_available():
-        pytest.skip("this check is about machines without CUDA")
+    check_quantization(PeftSpec())  # plain LoRA needs neither
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ConfigError, match="QLoRA.*CUDA GPU.*quantize: none"):
+        check_quantization(spec)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "bitsandbytes" else real_find_spec(name, *a))
+    with pytest.raises(ConfigError, match="pip install bitsandbytes"):
         check_quantization(spec)
 
 

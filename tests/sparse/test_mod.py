@@ -43,6 +43,15 @@ def real(batch):
     return batch["attention_mask"].bool()
 
 
+def randomise_routers(model, std: float = 0.5) -> None:
+    """Trained-looking routers (they start at zero): distinct scores, gates and head weights away from 1."""
+    with torch.no_grad():
+        for _, layer in mod_layers(model):
+            layer.mod_router.weight.normal_(0, std)
+        for _, attn in moh_modules(model):
+            attn.moh_router.weight.normal_(0, std)
+
+
 def test_capacity_one_without_gate_equals_dense(tiny):
     dense = tiny.model("clip", seed=1)
     routed = copy.deepcopy(dense)
@@ -115,27 +124,34 @@ def test_kept_queries_see_the_full_layouts_rows(tiny):
     assert torch.equal(rows[1, 8], (keys <= 11) & mask[1].bool())
 
 
-def test_position_ids_of_kept_tokens_are_unchanged(tiny, monkeypatch):
-    """The rotary angles the kept queries get are those of their original positions."""
-    model = tiny.model("clip", seed=1)
-    convert(model, mod=MoDSpec(capacity=0.5, skip_first=0))
+@pytest.mark.parametrize("attention", [None, {"mode": "mma", "backend": "reference"}])
+def test_kept_tokens_get_exactly_the_dense_layer_output(tiny, tokenizer, attention):
+    """With the gate off, a kept token's output is the dense layer's output at that token: its query keeps
+    its original position (rotary angle), sees the same keys (skipped tokens included) through the full
+    layout's window, and runs the same FFN. A wrong position, window or compaction would show here."""
+    kwargs = {}
+    if attention is not None:
+        kwargs["attention"] = {**attention, "assistant_token_id": tokenizer.convert_tokens_to_ids("<|assistant|>")}
+    dense = tiny.model("clip", seed=1, **kwargs)
+    routed = copy.deepcopy(dense)
+    convert(routed, mod=MoDSpec(capacity=0.3, skip_first=0, gate="none"))
+    randomise_routers(routed)
+    batch = inputs(tiny, dense)
     seen = {}
-    layer = model.model.language_model.layers[0]
-    original = type(layer)._attention
-
-    def spy(self, attn, normed, normed_kept, index, cache, position_embeddings, context, **kwargs):
-        seen["index"], seen["cos"] = index, position_embeddings[0]
-        return original(self, attn, normed, normed_kept, index, cache, position_embeddings, context, **kwargs)
-
-    monkeypatch.setattr(type(layer), "_attention", spy)
-    batch = inputs(tiny, model)
-    logits(model, batch)
-    rotary = model.model.language_model.rotary_emb
-    positions = torch.arange(batch["input_ids"].shape[1]).expand_as(batch["input_ids"])
-    cos, _ = rotary(torch.zeros(1), positions)
-    assert torch.equal(seen["cos"].expand_as(cos), cos)  # the full sequence's angles go in; kept rows are gathered by
-    assert seen["index"].shape[1] < batch["input_ids"].shape[1]  # original index (compacted sequence)
-    assert (seen["index"].diff(dim=1) > 0).all()  # kept tokens stay in order
+    for name, model in (("dense", dense), ("routed", routed)):
+        layer = model.model.language_model.layers[0]
+        hook = layer.register_forward_hook(lambda m, args, kw, out, name=name: seen.update({name: (args[0], out)}),
+                                           with_kwargs=True)
+        logits(model, batch)
+        hook.remove()
+    (before, dense_out), (routed_before, routed_out) = seen["dense"], seen["routed"]
+    assert torch.equal(before, routed_before)  # layer 0's input: the same embeddings
+    image = batch["input_ids"] == dense.config.image_token_id
+    changed = (routed_out != before).any(-1)
+    kept = changed & real(batch)
+    assert ((kept & image).sum(1) == torch.ceil(image.sum(1) * 0.3)).all() and (kept & ~image).any()
+    torch.testing.assert_close(routed_out[kept], dense_out[kept], atol=1e-6, rtol=0)
+    assert torch.equal(routed_out[image & ~changed], before[image & ~changed])
 
 
 @pytest.mark.parametrize("attention", [None, {"mode": "mma", "backend": "sdpa"}])
@@ -145,11 +161,7 @@ def test_cached_generation_equals_uncached_with_mod(tiny, tokenizer, synth_world
         kwargs["attention"] = {**attention, "assistant_token_id": tokenizer.convert_tokens_to_ids("<|assistant|>")}
     model = tiny.model("clip", seed=1, **kwargs)
     convert(model, mod=MoDSpec(capacity=0.3, skip_first=0), moh=MoHSpec(top_k=2, shared_heads=1))
-    with torch.no_grad():
-        for _, layer in mod_layers(model):
-            layer.mod_router.weight.normal_(0, 0.5)
-        for _, attn in moh_modules(model):
-            attn.moh_router.weight.normal_(0, 0.5)
+    randomise_routers(model)
     processor = tiny.processor(tokenizer, model.config)
     # Chat prompts: MMA lets image tokens see the question up to the assistant turn, never the answer.
     prompts = [processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}],
@@ -170,9 +182,7 @@ def test_moh_with_every_head_and_unit_weights_equals_dense(tiny):
     torch.testing.assert_close(logits(moh, batch), logits(dense, batch), atol=1e-6, rtol=0)
     sparse = copy.deepcopy(dense)
     convert(sparse, moh=MoHSpec(top_k=2, shared_heads=1))
-    with torch.no_grad():
-        for _, attn in moh_modules(sparse):
-            attn.moh_router.weight.normal_(0, 0.5)
+    randomise_routers(sparse)
     assert (logits(sparse, batch) - logits(dense, batch)).abs().max() > 1e-3
     usage = moh_modules(sparse)[0][1].moh_usage  # tokens per routed head (3 routed, top-2 each)
     assert usage.sum() == 2 * real(batch).sum() and usage.shape == (3,)
@@ -182,9 +192,7 @@ def test_save_and_from_pretrained_round_trip(tiny, tmp_path):
     model = tiny.model("clip", seed=1)
     convert(model, mod=MoDSpec(capacity=0.5, schedule="cosine", final_capacity=0.2, skip_first=0),
             moh=MoHSpec(top_k=3))
-    with torch.no_grad():
-        for _, layer in mod_layers(model):
-            layer.mod_router.weight.normal_(0, 0.5)
+    randomise_routers(model)
     model.save_pretrained(tmp_path)
     loaded = MLLMForConditionalGeneration.from_pretrained(tmp_path).eval()
     assert [m.mod_capacity for _, m in mod_layers(loaded)] == pytest.approx([0.5, 0.2])
@@ -237,11 +245,7 @@ def test_mod_moh_export_matches_and_loads_back(tiny, tokenizer, synth_world, tmp
 
     model = tiny.model("clip", seed=1)
     convert(model, mod=MoDSpec(capacity=0.3, skip_first=0), moh=MoHSpec(top_k=2, shared_heads=1))
-    with torch.no_grad():
-        for _, layer in mod_layers(model):
-            layer.mod_router.weight.normal_(0, 0.5)
-        for _, attn in moh_modules(model):
-            attn.moh_router.weight.normal_(0, 0.5)
+    randomise_routers(model)
     processor = tiny.processor(tokenizer, model.config)
     out = save_export(model, processor, tmp_path / "export")
     exported = AutoModelForImageTextToText.from_pretrained(out, trust_remote_code=True).eval()
