@@ -49,6 +49,14 @@ def command(args, nproc: int = 1, script: str | None = None) -> list[str]:
             "--master_port", str(free_port()), *target, *args]
 
 
+def stacks_of(stderr: str, context: int = 3000) -> str:
+    """Every rank's faulthandler dump in full (they come last, after SIGUSR1), with some log lines before
+    them. A plain tail could cut off the first rank's stacks when the ranks have many threads."""
+    found = [i for i in (stderr.find("Thread 0x"), stderr.find("Current thread 0x")) if i >= 0]
+    start = min(found) if found else max(0, len(stderr) - context)
+    return stderr[max(0, start - context):]
+
+
 def run(cmd: list[str], env: dict | None = None, timeout: float = TIMEOUT_S) -> subprocess.CompletedProcess:
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
            **(env or {})}
@@ -74,5 +82,5 @@ def run(cmd: list[str], env: dict | None = None, timeout: float = TIMEOUT_S) -> 
         except ProcessLookupError:
             pass
         stdout, stderr = proc.communicate(timeout=30)
-        raise AssertionError(f"{' '.join(cmd)} did not finish in {timeout} s; the ranks' stacks:\n{stderr[-12000:]}")
+        raise AssertionError(f"{' '.join(cmd)} did not finish in {timeout} s; the ranks' stacks:\n{stacks_of(stderr)}")
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)

@@ -158,8 +158,10 @@ def test_sigterm_checkpoints_exits_zero_and_the_rerun_continues(world, full_run)
 
 def test_a_hung_rank_fails_the_test_with_every_ranks_stack(world):
     path = write_recipe(world, "hang", tiny_recipe(world, "run_hang", steps=3, save_every=0))
+    # The timeout must outlast two ranks' start-up and step 1 on a loaded machine (25 s once fired before
+    # rank 1 reached step 2 in CI), so the dump shows the injected sleep.
     with pytest.raises(AssertionError, match="did not finish") as info:
-        faulty(world, "hang:2:1", path, nproc=2, timeout=25)
+        faulty(world, "hang:2:1", path, nproc=2, timeout=60)
     stacks = str(info.value)
     assert "time.sleep" in stacks or "in loss" in stacks  # rank 1, asleep in the injected fault
     assert "all_reduce" in stacks  # rank 0, waiting for rank 1 in a collective
