@@ -50,7 +50,10 @@ class AttentionExperts(nn.Module):
         self.num_kv_heads = attn.k_proj.out_features // self.head_dim
         # The backbone's attention functions repeat KV heads by this factor.
         self.num_key_value_groups = self.num_heads // self.num_kv_heads * (num_experts if share_kv else 1)
-        self.apply_rotary_pos_emb = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+        # A plain attribute, never a submodule: with Hugging Face's `kernels` installed, transformers (>= 5.25)
+        # makes apply_rotary_pos_emb an nn.Module, which nn.Module.__setattr__ would register as a child (and
+        # mllm.fused, which routes RoPE through this attribute, would not find it).
+        object.__setattr__(self, "apply_rotary_pos_emb", sys.modules[type(attn).__module__].apply_rotary_pos_emb)
         self.router = nn.Linear(attn.q_proj.in_features, num_experts, bias=False)
         self.q_weight, self.q_bias = _stack(attn.q_proj, num_experts)
         self.o_weight, self.o_bias = _stack(attn.o_proj, num_experts)
