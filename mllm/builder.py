@@ -8,6 +8,8 @@ or config dict) and the tokenizer. `build_model_and_processor` turns it into an
 
 from __future__ import annotations
 
+import dataclasses
+
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -16,6 +18,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, CLIPImageProcessor, PreTrainedConfig
 
 from mllm.compression.config import CompressionSpec
+from mllm.compression.pruning import TokenPruningSpec
 from mllm.configuration import MLLMConfig, OpenCLIPVisionConfig
 from mllm.modeling import MLLMForConditionalGeneration
 from mllm.processing import MLLMProcessor
@@ -111,6 +114,9 @@ class ModelSpec:
     # Fewer image tokens per image before the LLM: {method: pool|pixel_shuffle|tome|vmtc, ratio: 0.25}
     # (mllm.compression); the processor expands <image> to the compressed count. None = every patch token.
     compression: CompressionSpec | None = None
+    # Prune image tokens inside the LLM: {method: fastv, layer: 2, keep: 0.5} or {method: exit} (learned
+    # visual-token exit; train its gates in a stage). None = every image token runs every layer.
+    token_pruning: TokenPruningSpec | None = None
     # Start from a trained model instead of building one: a run folder, its `model/` folder, a stage's
     # `final/` or `checkpoints/step-N` (any ZeRO stage), or an `mllm export` folder. The saved config is used as is, so the sections above must stay unset
     # (`kernels` still applies: it only changes how training computes).
@@ -121,7 +127,7 @@ class ModelSpec:
             return
         defaults = ModelSpec()
         given = [name for name in ("vision", "projector", "text", "tokenizer", "attention", "moe", "mod", "moh",
-                                   "compression")
+                                   "compression", "token_pruning")
                  if getattr(self, name) != getattr(defaults, name)]
         if given:
             raise ConfigError(f"init_from loads the saved model with its own config; remove model.{given[0]} "
@@ -189,6 +195,13 @@ def attention_config(spec: AttentionSpec, tokenizer) -> dict | None:
     return {"mode": spec.mode, "backend": spec.backend, "assistant_token_id": assistant}
 
 
+def with_prompt_end(spec: TokenPruningSpec, tokenizer) -> TokenPruningSpec:
+    """The token pruning settings with the prompt's end marker (the `<|assistant|>` header) resolved."""
+    if spec.assistant_token_id is not None:
+        return spec
+    return dataclasses.replace(spec, assistant_token_id=tokenizer.convert_tokens_to_ids("<|assistant|>"))
+
+
 def load_trained(path: str, dtype: torch.dtype = torch.float32):
     """Model + processor from a run folder, a saved model folder, a stage's final/ or checkpoint folder (in
     its run), or an `mllm export` folder."""
@@ -245,6 +258,7 @@ def build_model_and_processor(spec: ModelSpec, dtype: torch.dtype = torch.float3
         mod=spec.mod.to_config() if spec.mod is not None else None,
         moh=spec.moh.to_config() if spec.moh is not None else None,
         compression=spec.compression.to_config() if spec.compression is not None else None,
+        token_pruning=with_prompt_end(spec.token_pruning, tokenizer).to_config() if spec.token_pruning else None,
     )
     model = MLLMForConditionalGeneration(config)
     if isinstance(vision_config, OpenCLIPVisionConfig):

@@ -77,6 +77,9 @@ class MLLMConfig(PreTrainedConfig):
     # Visual-token compression before the LLM (mllm.compression.CompressionSpec as a dict); None = every
     # patch token reaches the LLM. It changes num_image_tokens (the processor's expansion of <image>).
     compression: dict | None = None
+    # Visual-token pruning inside the LLM (mllm.compression.pruning.TokenPruningSpec as a dict: fastv or exit);
+    # None = every image token runs every layer.
+    token_pruning: dict | None = None
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -98,6 +101,12 @@ class MLLMConfig(PreTrainedConfig):
             if spec.saliency == "cls" and getattr(self.vision_config, "model_type", None) == "siglip_vision_model":
                 raise ValueError("compression.saliency 'cls' needs a vision tower with a CLS token; SigLIP has none: "
                                  "use saliency 'norm' or 'auto'")
+        if self.token_pruning is not None:
+            from mllm.compression.pruning import TokenPruningSpec
+
+            TokenPruningSpec.from_config(self.token_pruning)  # a bad section fails here, naming the key
+            if self.mod is not None:
+                raise ValueError("token_pruning and mod both compact the sequence inside the LLM; use one of them")
 
     @property
     def uses_interval_attention(self) -> bool:

@@ -81,7 +81,20 @@ class MLLMModel(MLLMPreTrainedModel):
             from mllm.sparse.depth import build_dynamic_layers
 
             build_dynamic_layers(self.language_model, config)
+        if config.token_pruning is not None:
+            self.apply_token_pruning(config.token_pruning)
         self.post_init()
+
+    def apply_token_pruning(self, section: dict) -> list[int]:
+        """Prune image tokens inside the LLM (mllm.compression.pruning); returns the candidate layers."""
+        from mllm.compression.pruning import TokenPruningSpec, apply_pruning
+        from mllm.sparse.moe import decoder_layers
+
+        spec = TokenPruningSpec.from_config(section)
+        layers = apply_pruning(decoder_layers(self.language_model), spec,
+                               self.language_model.config._attn_implementation)
+        self.token_pruning = spec
+        return layers
 
     def get_input_embeddings(self) -> nn.Module:
         return self.language_model.get_input_embeddings()
@@ -135,6 +148,7 @@ class MLLMModel(MLLMPreTrainedModel):
         use_cache: bool | None = None,
         modality_ids: torch.LongTensor | None = None,
         document_ids: torch.LongTensor | None = None,
+        prune_force_exit: int | None = None,
         **kwargs,
     ):
         if (input_ids is None) == (inputs_embeds is None):
@@ -159,6 +173,15 @@ class MLLMModel(MLLMPreTrainedModel):
                              "backbone's own causal SDPA would let packed samples attend to each other")
         if self.config.uses_interval_attention and prefill:
             kwargs.update(self.attention_layout_kwargs(input_ids, attention_mask, modality_ids, document_ids))
+        self.pruning_state = None
+        if getattr(self, "token_pruning", None) is not None and prefill:
+            if input_ids is None:
+                raise ValueError("token pruning needs input_ids to find the image tokens and the prompt")
+            from mllm.compression.pruning import pruning_state
+
+            self.pruning_state = kwargs["token_pruning"] = pruning_state(
+                input_ids, attention_mask, self.config.image_token_id, self.token_pruning,
+                kwargs.get("attention_layout"), force_exit=prune_force_exit)
         outputs = self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
@@ -168,6 +191,9 @@ class MLLMModel(MLLMPreTrainedModel):
             **kwargs,
         )
         return outputs, image_features
+
+    def exit_gate_parameters(self) -> list[nn.Parameter]:
+        return [p for name, p in self.language_model.named_parameters() if ".exit_gate." in name]
 
     def routed_modules(self) -> list[nn.Module]:
         return [m for m in self.language_model.modules() if hasattr(m, "routing_context")]
@@ -270,6 +296,7 @@ class MLLMForConditionalGeneration(MLLMPreTrainedModel, GenerationMixin):
         logits_to_keep: int = 0,
         past_key_values: Cache | None = None,
         fused_loss: bool = False,
+        prune_force_exit: int | None = None,
         **kwargs,
     ) -> MLLMOutput:
         """`modality_ids` (0 text, 1 image) feed the attention layouts; plain causal attention ignores them.
@@ -286,8 +313,11 @@ class MLLMForConditionalGeneration(MLLMPreTrainedModel, GenerationMixin):
             use_cache=use_cache,
             modality_ids=modality_ids,
             document_ids=document_ids,
+            prune_force_exit=prune_force_exit,
             **kwargs,
         )
+        pruning = self.model.pruning_state
+        self.model.exit_loss = None
         hidden = outputs.last_hidden_state  # [B, T, D]
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
@@ -301,6 +331,16 @@ class MLLMForConditionalGeneration(MLLMPreTrainedModel, GenerationMixin):
             logits = self.lm_head(hidden)  # [B, T, V]
             if labels is not None:
                 total, count = causal_lm_loss_sum(logits, labels)
+        if self.training and labels is not None and pruning is not None and pruning.gate_logits \
+                and any(p.requires_grad for p in self.model.exit_gate_parameters()):
+            from mllm.compression.pruning import exit_supervision
+
+            rerun = dict(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
+                         position_ids=position_ids, modality_ids=modality_ids, document_ids=document_ids,
+                         use_cache=False)
+            exit_loss = exit_supervision(self, rerun, labels, pruning.gate_logits, logits, self.model.token_pruning)
+            aux_loss = exit_loss if aux_loss is None else aux_loss + exit_loss
+            self.model.exit_loss = exit_loss.detach()
         if total is not None:
             loss = total / count.clamp(min=1)
             if aux_loss is not None:

@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Literal
 
 from mllm.builder import ModelSpec
+from mllm.compression.config import CompressionSpec
+from mllm.compression.pruning import TokenPruningSpec
 from mllm.processing import DEFAULT_ANYRES_GRIDS, check_image_settings
 from mllm.schema import ConfigError, apply_overrides, from_dict, load_yaml
 from mllm.sparse.config import UpcycleSpec
@@ -78,6 +80,11 @@ class StageSpec:
     # (routers start at zero: the converted model starts at the dense one).
     mod: MoDSpec | None = None
     moh: MoHSpec | None = None
+    # Compress the trained uncompressed model's image tokens before the LLM from this stage on (pixel_shuffle's
+    # wider projector starts as average pooling), or prune them inside the LLM (fastv / exit; exit gates start
+    # closed). Both start from the trained weights, so the stage fine-tunes the model to its fewer tokens.
+    compression: CompressionSpec | None = None
+    token_pruning: TokenPruningSpec | None = None
     # Evaluate this stage's result on the recipe's eval source -> <stage folder>/eval.json (the run's
     # final model is always evaluated); e.g. accuracy before and after a LoRA stage.
     eval: bool = False
@@ -211,7 +218,7 @@ class RunConfig:
             raise ConfigError(f"model.moe already builds MoE layers; stage(s) {upcycled} cannot upcycle them")
         if len(upcycled) > 1:
             raise ConfigError(f"only one stage can upcycle the model, got {upcycled}")
-        for section in ("mod", "moh"):
+        for section in ("mod", "moh", "compression", "token_pruning"):
             converting = [s.name for s in self.stages if getattr(s, section) is not None]
             if getattr(self.model, section) is not None and converting:
                 raise ConfigError(f"model.{section} already builds these layers; stage(s) {converting} cannot convert")

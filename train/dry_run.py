@@ -92,7 +92,7 @@ def dry_run(cfg: RunConfig, world_size: int | None = None) -> str:
         train_tokenizer([str(corpus)], Path(tmp) / "tokenizer", vocab_size=300)
         model, processor = build_model_and_processor(stand_in_spec(cfg.model, str(Path(tmp) / "tokenizer")))
         for index, stage in enumerate(cfg.stages):
-            layers = apply_transformations(model, stage, cfg.run.seed)
+            layers = apply_transformations(model, processor, stage, cfg.run.seed)
             if layers:
                 lines.append(f"stage {index} {stage.name!r}: upcycles decoder layers {layers} of the stand-in to MoE")
             if stage.objective == "lm":

@@ -116,6 +116,11 @@ def evaluate(model, processor: MLLMProcessor, data: str, max_samples: int = 500,
     dynamic = dynamic_stats(model)
     if dynamic is not None:  # MoD kept fraction / gates and MoH head usage over the questions
         report.update(dynamic_summary(model, dynamic))
+    from mllm.compression.pruning import pruning_stats, pruning_summary
+
+    pruning = pruning_stats(model)
+    if pruning is not None:  # image tokens left per layer over the questions (prompt prefills)
+        report["pruning"] = pruning_summary(model, pruning)
     counts = routing_counts(model)
     if counts is not None:  # the questions' expert load (prompt and generated tokens), per layer and modality
         report["moe"] = load_summary(counts, MoESpec.from_config(model.config.moe),
@@ -133,12 +138,13 @@ def write_expert_load_plot(report: dict, path: Path) -> Path | None:
 
 
 def write_dynamic_plot(report: dict, path: Path) -> Path | None:
-    """`dynamic_compute.png` for MoD / MoH models (kept fraction per layer, head usage); None otherwise."""
-    if "mod" not in report and "moh" not in report:
+    """`dynamic_compute.png` for MoD / MoH / token-pruning models (kept fraction per layer, head usage); None
+    otherwise."""
+    if not {"mod", "moh", "pruning"} & set(report):
         return None
     from mllm.train.metrics import plot_dynamic_compute
 
-    return plot_dynamic_compute(report.get("mod"), report.get("moh"), path)
+    return plot_dynamic_compute(report.get("mod"), report.get("moh"), path, report.get("pruning"))
 
 
 def write_eval_plots(report: dict, folder: Path) -> list[Path]:

@@ -96,16 +96,17 @@ def plot_expert_load(summary: dict, out_png: Path, title: str = "expert load") -
     return Path(out_png)
 
 
-def plot_dynamic_compute(mod: dict | None, moh: dict | None, out_png: Path) -> Path:
+def plot_dynamic_compute(mod: dict | None, moh: dict | None, out_png: Path, pruning: dict | None = None) -> Path:
     """MoD: kept fraction of image tokens per routed layer against its capacity, with the mean gate;
-    MoH: heatmap of the fraction of routed tokens each head served, per layer."""
+    MoH: heatmap of the fraction of routed tokens each head served, per layer; token pruning: fraction of
+    image tokens still in the sequence per layer."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    panels = [p for p in (mod, moh) if p is not None]
+    panels = [p for p in (mod, moh, pruning) if p is not None]
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.2), squeeze=False)
     axes = list(axes[0])
     if mod is not None:
@@ -127,6 +128,14 @@ def plot_dynamic_compute(mod: dict | None, moh: dict | None, out_png: Path) -> P
         ax.set_xlabel("routed head")
         ax.set_title("Mixture-of-Head: share of tokens per head")
         fig.colorbar(image, ax=ax, shrink=0.8)
+    if pruning is not None:
+        ax = axes.pop(0)
+        x = np.arange(len(pruning["layers"]))
+        ax.bar(x, pruning["kept_fraction"], 0.6)
+        ax.set_xticks(x, [n.split("layers.")[-1] for n in pruning["layers"]])
+        ax.set_ylim(0, 1.05)
+        ax.set_xlabel("decoder layer")
+        ax.set_title("token pruning: image tokens still present")
     fig.savefig(out_png, dpi=100, bbox_inches="tight")
     plt.close(fig)
     return Path(out_png)

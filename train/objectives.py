@@ -48,6 +48,8 @@ class LMObjective:
         self.packing = packing
         self._aux_sums: dict[str, float] = {}
         self._aux_batches = 0
+        # The MLLMModel inside (under a PEFT wrapper too): visual-token exit leaves its gate loss there.
+        self._inner = next(m for m in model.modules() if type(m).__name__ == "MLLMModel")
 
     def encode(self, record, image_aspect: str | None = None) -> dict:
         """A record -> input_ids / labels / modality_ids and its images' crops as pixel_values, in placeholder
@@ -99,21 +101,28 @@ class LMObjective:
             out = engine(**batch, labels=labels, fused_loss=True, use_cache=False)
             total = out.loss_sum
         else:
-            out = engine(**batch, use_cache=False)  # training: no KV cache to build
-            total, _ = causal_lm_loss_sum(out.logits, labels)
+            out = engine(**batch, labels=labels, use_cache=False)  # training: no KV cache to build
+            total = out.loss_sum
         if out.aux_loss is not None:  # accumulate the layer-mean of each unweighted term for logging
             blocks = moe_blocks(self.model)
             for _, block in blocks:
                 for key, value in block.aux_terms.items():
                     self._aux_sums[key] = self._aux_sums.get(key, 0.0) + value / len(blocks)
+            exit_loss = self._inner.exit_loss
+            if exit_loss is not None:  # visual-token exit gates training (weighted BCE)
+                self._aux_sums["exit_gate_loss"] = self._aux_sums.get("exit_gate_loss", 0.0) + float(exit_loss)
             self._aux_batches += 1
         return total, out.aux_loss
 
     def metrics(self) -> dict:
         """MoE / MoD / MoH metrics since the last call, reduced over ranks (every rank must call this)."""
         out = self.dynamic_metrics()
+        if "exit_gate_loss" in self._aux_sums:
+            out["exit_gate_loss"] = all_reduce(self._aux_sums.pop("exit_gate_loss") / max(1, self._aux_batches)) \
+                / world_size()
         counts = routing_counts(self.model)
         if counts is None:
+            self._aux_sums, self._aux_batches = {}, 0
             return out
         counts = {key: all_reduce_tensor(value) for key, value in counts.items()}
         out.update({f"moe_{key}": all_reduce(float(value) / max(1, self._aux_batches)) / world_size()
@@ -125,14 +134,20 @@ class LMObjective:
         return out
 
     def dynamic_metrics(self) -> dict:
-        """Mixture-of-Depths kept fraction / gate and Mixture-of-Head head usage per layer."""
+        """Mixture-of-Depths kept fraction / gate, Mixture-of-Head head usage and token pruning's kept fraction
+        per layer."""
         from mllm.sparse.depth import dynamic_stats, dynamic_summary
 
+        from mllm.compression.pruning import pruning_stats, pruning_summary
+
+        out = {}
+        pruning = pruning_stats(self.model)
+        if pruning is not None:
+            out["pruning_kept_fraction"] = pruning_summary(self.model, all_reduce_tensor(pruning))["kept_fraction"]
         stats = dynamic_stats(self.model)
         if stats is None:
-            return {}
+            return out
         summary = dynamic_summary(self.model, {k: all_reduce_tensor(v) for k, v in stats.items()})
-        out = {}
         if "mod" in summary:
             out.update(mod_kept_fraction=summary["mod"]["kept_fraction"], mod_gate_mean=summary["mod"]["gate_mean"],
                        mod_gate_std=summary["mod"]["gate_std"])

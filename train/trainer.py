@@ -150,12 +150,12 @@ def build_stage_model(cfg: RunConfig, index: int, init_from: Path | None):
     # How images become crops travels with the processor: training, its saved copy and eval agree.
     processor.configure_images(cfg.data.image_aspect, cfg.data.anyres_grids)
     for earlier in cfg.stages[:index]:
-        apply_transformations(model, earlier, cfg.run.seed)
+        apply_transformations(model, processor, earlier, cfg.run.seed)
     if init_from is not None:
         ckpt.load_weights(model, init_from)
     if index < len(cfg.stages):
         stage = cfg.stages[index]
-        layers = apply_transformations(model, stage, cfg.run.seed + index)
+        layers = apply_transformations(model, processor, stage, cfg.run.seed + index)
         if layers:
             logger.info("stage %s: upcycled the FFNs of decoder layers %s into MoE blocks", stage.name, layers)
         if stage.peft is not None:  # earlier PEFT stages need nothing: their final/ holds merged weights
@@ -184,9 +184,9 @@ def prepare_for_training(model, cfg: RunConfig, info: DistInfo) -> None:
         compile_decoder_layers(model, cfg.run.compile_backend)
 
 
-def apply_transformations(model, stage: StageSpec, seed: int) -> list[int]:
-    """A stage's declared model transformations (`upcycle` to MoE, `mod` / `moh` conversion); returns the
-    layers converted to MoE."""
+def apply_transformations(model, processor, stage: StageSpec, seed: int) -> list[int]:
+    """A stage's declared model transformations (`upcycle` to MoE, `mod` / `moh` conversion, `compression`,
+    `token_pruning`); returns the layers converted to MoE. The processor follows the image-token count."""
     layers = []
     if stage.upcycle is not None:
         from mllm.sparse import upcycle
@@ -197,6 +197,19 @@ def apply_transformations(model, stage: StageSpec, seed: int) -> list[int]:
 
         done = convert(model, mod=stage.mod, moh=stage.moh)
         logger.info("stage %s: %s", stage.name, ", ".join(f"{k} on decoder layers {v}" for k, v in done.items()))
+    if stage.compression is not None:
+        from mllm.compression import convert as compress
+
+        processor.num_image_tokens = compress(model, stage.compression)
+        logger.info("stage %s: %s compression, %d image tokens per image", stage.name, stage.compression.method,
+                    processor.num_image_tokens)
+    if stage.token_pruning is not None:
+        from mllm.builder import with_prompt_end
+        from mllm.compression.pruning import convert as prune
+
+        candidates = prune(model, with_prompt_end(stage.token_pruning, processor.tokenizer))
+        logger.info("stage %s: %s token pruning at decoder layers %s", stage.name, stage.token_pruning.method,
+                    candidates)
     return layers
 
 
@@ -240,7 +253,7 @@ def stage_result_model(cfg: RunConfig, index: int, final: Path):
     model, processor = build_model_and_processor(cfg.model)
     processor.configure_images(cfg.data.image_aspect, cfg.data.anyres_grids)  # stage eval / export as trained
     for earlier in cfg.stages[: index + 1]:
-        apply_transformations(model, earlier, cfg.run.seed)
+        apply_transformations(model, processor, earlier, cfg.run.seed)
     ckpt.load_weights(model, final)
     return model.eval(), processor
 
@@ -282,6 +295,9 @@ def train_stage(cfg: RunConfig, index: int, init_from: Path | None, info: DistIn
     prepare_for_training(model, cfg, info)
     objective = build_objective(stage.objective, model, processor, cfg.data.max_length, stage,
                                 fused_loss=cfg.model.kernels.fused_cross_entropy, packing=cfg.data.packing)
+    # Training mode whatever the source: from_pretrained (model.init_from) returns eval mode, which would turn
+    # off dropout, MoE balance losses, router jitter and the exit gates' supervision.
+    objective.module.train()
     groups = apply_trainable(objective.module, stage)
     if info.is_main:
         logger.info("stage %d (%s): %s\n%s", index, stage.name, stage.objective, param_table(objective.module))

@@ -33,6 +33,36 @@ def build_compressor(section: dict | CompressionSpec | None) -> TokenCompressor 
     return COMPRESSORS[spec.method](spec)
 
 
+def convert(model, spec: CompressionSpec) -> int:
+    """Compress a trained, uncompressed model's image tokens from now on (a recipe stage's `compression:`);
+    returns the new image-token count (the processor must expand `<image>` to it).
+
+    pool / tome / vmtc have no parameters: the model is unchanged but for the token count. pixel_shuffle
+    widens the projector's first layer to `factor` copies of the trained weight divided by `factor`, so on
+    a full window it computes the projection of the window's mean: the converted model starts as average
+    pooling before the projector, not from a random projector."""
+    import torch
+
+    if model.config.compression is not None:
+        raise ValueError(f"the model already compresses its image tokens ({model.config.compression}); convert an "
+                         "uncompressed model")
+    spec.validate()
+    inner = model.model
+    factor = spec.channel_factor
+    if factor > 1:
+        old = inner.multi_modal_projector.linear_1  # [D_text, D_vision]
+        new = torch.nn.Linear(old.in_features * factor, old.out_features, bias=old.bias is not None,
+                              device=old.weight.device, dtype=old.weight.dtype)
+        with torch.no_grad():
+            new.weight.copy_(old.weight.repeat(1, factor) / factor)
+            if old.bias is not None:
+                new.bias.copy_(old.bias)
+        inner.multi_modal_projector.linear_1 = new
+    model.config.compression = spec.to_config()
+    inner.token_compressor = build_compressor(spec)
+    return model.config.num_image_tokens
+
+
 def projector_input_size(vision_hidden_size: int, section: dict | None) -> int:
     """Width of the projector's input: the tower's, times the window for pixel_shuffle."""
     if section is None:
@@ -41,4 +71,4 @@ def projector_input_size(vision_hidden_size: int, section: dict | None) -> int:
 
 
 __all__ = ["AveragePool", "COMPRESSORS", "CompressedTokens", "CompressionSpec", "PixelShuffle", "ToMe",
-           "TokenCompressor", "VMTC", "build_compressor", "projector_input_size"]
+           "TokenCompressor", "VMTC", "build_compressor", "convert", "projector_input_size"]

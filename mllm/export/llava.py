@@ -29,7 +29,7 @@ from mllm.modeling import MLLMForConditionalGeneration
 from mllm.vision import has_cls_token
 
 # Optional MLLMConfig sections that change the computation; Llava has none of them.
-EXTENSION_SECTIONS = ("moe", "mod", "moh", "attention", "compression")
+EXTENSION_SECTIONS = ("moe", "mod", "moh", "attention", "compression", "token_pruning")
 # Llava's LlavaMultiModalProjector is exactly linear_1 -> act -> linear_2.
 LLAVA_PROJECTOR_DEPTH = 2
 # The chat template (mllm/tokenizer.py) ends every turn with this token; generation stops on it.

@@ -214,7 +214,7 @@ def test_projector_depth_3_is_rejected_before_writing(tokenizer_dir, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("section", ["moe", "mod", "moh", "attention", "compression"])
+@pytest.mark.parametrize("section", ["moe", "mod", "moh", "attention", "compression", "token_pruning"])
 def test_active_extension_sections_are_rejected(tokenizer_dir, section):
     model, _ = build(tokenizer_dir, "clip-qwen2")
     config = model.config
