@@ -4,7 +4,7 @@ References:
 - keep 1.0 / closed exit gates: the dense model, bit for bit;
 - a pruned model equals the dense model run layer by layer with the dropped image tokens masked out as keys
   from the pruning layer on (no compaction, no gathered positions): kept tokens' logits agree, for the
-  backbone's SDPA, MMA and the interval (reference) backend;
+  backbone's SDPA, MMA, the interval reference backend and the Triton kernel (interpreter on CPU);
 - the compacted windows are the full layout restricted to the kept tokens (causal, MMA, packed);
 - the text-guided scores equal the prompt's attention to the image tokens read from eager attention
   probabilities; answers after the assistant header never change the selection;
@@ -111,10 +111,12 @@ def masked_reference(model, batch, keep: torch.Tensor, first: int, mode: str, to
 
 
 @pytest.mark.parametrize("attention", [None, {"mode": "mma", "backend": "sdpa"},
-                                       {"mode": "causal", "backend": "reference"}],
-                         ids=["sdpa", "mma", "interval"])
+                                       {"mode": "causal", "backend": "reference"},
+                                       {"mode": "mma", "backend": "triton"}],
+                         ids=["sdpa", "mma", "interval", "mma-triton"])  # triton: the interpreter on CPU
 def test_fastv_equals_dense_with_dropped_keys_masked(tiny, tokenizer, synth_world, attention):
-    model = build(tiny, tokenizer, attention=attention)
+    width = {"hidden_size": 64} if (attention or {}).get("backend") == "triton" else {}  # head dim 16 for Triton
+    model = build(tiny, tokenizer, attention=attention, **width)
     convert(model, spec(tokenizer, method="fastv", layer=2, keep=0.3))
     batch = chat_batch(tiny, tokenizer, synth_world, model)
     batch["position_ids"] = (batch["attention_mask"].long().cumsum(1) - 1).clamp(min=0)
