@@ -105,11 +105,14 @@ def demo_benchmark(args) -> dict:
     base = yaml.safe_load((ROOT / "configs" / "recipes" / "demo.yaml").read_text())
     stage = copy.deepcopy(base["stages"][2])
     stage.update(name="continue", steps=args.demo_steps, warmup_steps=10, lr=2e-4, save_every=0)
+    # The run's own data settings (a demo variant with more image tokens has a longer max_length).
+    resolved = Path(args.demo_run) / "config.yaml"
+    data = yaml.safe_load(resolved.read_text())["data"] if resolved.is_file() else base["data"]
     out = {}
     for variant in ("dense", "mod"):
         run = Path(args.out) / f"bench_mod_{variant}"
         recipe = {"run": {"output_dir": str(run), "seed": 0, "log_every": 10}, "model": {"init_from": args.demo_run},
-                  "data": base["data"], "eval": base["eval"], "stages": [dict(stage)]}
+                  "data": data, "eval": base["eval"], "stages": [dict(stage)]}
         if variant == "mod":
             recipe["stages"][0]["mod"] = {"capacity": args.capacity, "skip_first": 1}
         path = Path(args.out) / f"bench_mod_{variant}.yaml"

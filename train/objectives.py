@@ -49,7 +49,8 @@ class LMObjective:
         self._aux_sums: dict[str, float] = {}
         self._aux_batches = 0
         # The MLLMModel inside (under a PEFT wrapper too): visual-token exit leaves its gate loss there.
-        self._inner = next(m for m in model.modules() if type(m).__name__ == "MLLMModel")
+        self._inner = next((m for m in model.modules() if type(m).__name__ == "MLLMModel"), None) \
+            if model is not None else None  # None: an objective that only encodes samples
 
     def encode(self, record, image_aspect: str | None = None) -> dict:
         """A record -> input_ids / labels / modality_ids and its images' crops as pixel_values, in placeholder
@@ -108,7 +109,7 @@ class LMObjective:
             for _, block in blocks:
                 for key, value in block.aux_terms.items():
                     self._aux_sums[key] = self._aux_sums.get(key, 0.0) + value / len(blocks)
-            exit_loss = self._inner.exit_loss
+            exit_loss = getattr(self._inner, "exit_loss", None)
             if exit_loss is not None:  # visual-token exit gates training (weighted BCE)
                 self._aux_sums["exit_gate_loss"] = self._aux_sums.get("exit_gate_loss", 0.0) + float(exit_loss)
             self._aux_batches += 1
