@@ -1,31 +1,31 @@
 """Visual-token compression trade-off on the demo: held-out accuracy vs training throughput and prefill latency.
 
-For every method (pool, pixel_shuffle, tome, vmtc) and budget (100%, 50%, 25%, 12.5% of the image
-tokens) the script
-  1. trains the demo model with the trainer (`mllm.train.trainer.run_recipe`, in this process) on a
-     recipe derived from configs/recipes/demo.yaml (written to <out>/<run>/recipe.yaml, so
-     `mllm train <out>/<run>/recipe.yaml` reproduces a run), and reads the held-out exact match that
-     the trainer's evaluation writes (`eval.json`: greedy decoding with the KV cache);
-  2. times, in this one process, interleaved over the configurations so background load hits them
-     all alike: a training step (forward + backward + AdamW, fp32) on the same real training batches,
-     and a prefill (the forward over prompt + image that fills the KV cache, batch 1).
-100% is one run: every method at ratio 1.0 is the identity (tested), so it is the shared baseline.
+1. Base: one dense model trained like the demo (CLIP stage -> align -> instruct) but with 64 image tokens
+   per image (`--patch-size 6` on the 48 px images; the demo's 16 px patches give 9, too few to compress).
+   Written to <out>/base and reused by later invocations.
+2. Every configuration continue-trains the base for `--steps` steps on the demo's instruct mix (VQA 3 :
+   captions 1), everything trainable, through `mllm train` (model.init_from = the base; the method comes in
+   as the stage's `compression:` / `token_pruning:` transformation, so pixel_shuffle's widened projector
+   starts as average pooling). The 100% row continue-trains the same steps without compression, so every
+   row has seen the same data. Each run's recipe is <out>/<run>/recipe.yaml (`mllm train` reproduces it);
+   held-out exact match comes from the trainer's eval (greedy decoding with the KV cache).
+   - before the LLM (fixed K per image): pool, pixel_shuffle, tome, vmtc at each budget;
+   - inside the LLM: fastv (text-guided, image tokens cut to `budget` from decoder layer `--prune-layer`);
+     exit (DyVTE-style visual-token exit: the base's exit gates train for `--steps` steps with the LLM
+     frozen; its budget is learned: the table reports the measured share of image tokens x layers).
+3. Timing, in this process, interleaved over the configurations so background load hits them all alike:
+   a training step (forward + backward + AdamW, fp32) of each run's trained model on the same real
+   training batches, and a prefill (prompt + image into the KV cache, batch 1). For exit the training
+   step is the base model's (DyVTE trains only the gates; the LLM trains without exits), so its gain is
+   in prefill only.
 
-Why not the demo as is: its 48 px images with 16 px patches give 9 image tokens, too few to compress.
-The bench uses `--patch-size 6` (8 x 8 = 64 image tokens; 8 -> 36). There is no CLIP stage (the demo
-spends 500 steps on it): the tower trains from scratch with the LM loss in one stage whose data mix is
-the demo's instruct stage (VQA 3 : captions 1), everything trainable.
+Throughput is per sample (samples/s and the speed-up over 100%); `llm tok/s` counts the LLM-side tokens
+like the trainer's `tokens_per_s`, which fall with compression by construction, so it is printed for
+reference only. Runs are independent processes: `--jobs 2` trains two at once (one thread each).
 
-Throughput is reported per sample (samples/s, and the speed-up over 100%); `llm tok/s` counts the
-LLM-side tokens like the trainer's `tokens_per_s`, which fall with compression by construction (an image
-is fewer tokens), so it cannot show a speed-up and is printed for reference only.
-
-Sizes: `small` (the default, ~15 min on 2 shared CPU cores, short schedule: accuracies are far from
-converged) and `full` (the demo's model widths and a longer schedule; hours on CPU).
-
-  nice -n 10 .venv/bin/python scripts/bench_compression.py                        # small
+  nice -n 10 .venv/bin/python scripts/bench_compression.py --jobs 2                 # small (~1 h on 2 cores)
   nice -n 10 .venv/bin/python scripts/bench_compression.py --size full --out runs/bench_compression_full
-  nice -n 10 .venv/bin/python scripts/bench_compression.py --methods pool,tome --budgets 1,0.25 --steps 100
+  nice -n 10 .venv/bin/python scripts/bench_compression.py --methods pool,fastv --budgets 1,0.25 --steps 100
 """
 
 from __future__ import annotations
@@ -34,74 +34,98 @@ import argparse
 import copy
 import json
 import logging
+import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
-from mllm.builder import ModelSpec, build_model_and_processor
-from mllm.schema import dump_yaml, from_dict, load_yaml
+from mllm.builder import load_trained
+from mllm.schema import dump_yaml, load_yaml
 
-METHODS = ("pool", "pixel_shuffle", "tome", "vmtc")
+BEFORE_LLM = ("pool", "pixel_shuffle", "tome", "vmtc")
+INSIDE_LLM = ("fastv", "exit")
+METHODS = BEFORE_LLM + INSIDE_LLM
 BUDGETS = (1.0, 0.5, 0.25, 0.125)
 SIZES = {
-    # Model widths / depths, schedule and evaluation size. `small` shrinks the tower and the LLM so a step
-    # at 64 image tokens takes ~0.15 s on one CPU thread; `full` is the demo's model.
-    "small": dict(vit_width=64, vit_layers=2, text_hidden=128, text_layers=2, steps=500, batch=16, lr=2e-3,
-                  warmup=10, eval_samples=100),
-    "full": dict(vit_width=128, vit_layers=4, text_hidden=256, text_layers=4, steps=1500, batch=32, lr=1e-3,
-                 warmup=50, eval_samples=400),
+    # Model widths / depths and schedules. `small` shrinks the demo's tower and LLM widths (4 LLM layers, so
+    # in-LLM pruning after layer 2 has layers to save); `full` is the demo's model.
+    "small": dict(vit_width=64, vit_layers=2, text_hidden=128, text_layers=4, clip_steps=300, align_steps=200,
+                  base_steps=1500, steps=300, batch=32, lr=5e-4, eval_samples=200),
+    "full": dict(vit_width=128, vit_layers=4, text_hidden=256, text_layers=4, clip_steps=500, align_steps=200,
+                 base_steps=2000, steps=500, batch=32, lr=5e-4, eval_samples=400),
 }
 
 
 # ---------------------------------------------------------------------------------------- recipes
 
 
-def run_name(method: str, budget: float) -> str:
+def run_name(method: str, budget: float | None) -> str:
+    if method == "exit":
+        return "exit"
     return "full" if budget == 1.0 else f"{method}-{budget:g}"
 
 
-def bench_recipe(args, size: dict, method: str, budget: float, out_dir: Path) -> dict:
-    """The demo recipe with more image tokens, one from-scratch stage, and the compression section."""
-    base = load_yaml(args.base)
-    model = copy.deepcopy(base["model"])
+def base_recipe(args, size: dict, out_dir: Path) -> dict:
+    """The demo recipe with 64 image tokens per image and the bench size's widths and schedule."""
+    recipe = load_yaml(args.base)
+    model = recipe["model"]
     vision = model["vision"]
     vision["name"] = f"mllm-bench-vit-p{args.patch_size}-w{size['vit_width']}"  # open_clip registry key
     vision["model_cfg"]["vision_cfg"].update(patch_size=args.patch_size, width=size["vit_width"],
                                              layers=size["vit_layers"])
     vision["model_cfg"]["embed_dim"] = size["vit_width"]
     vision["model_cfg"]["text_cfg"]["width"] = size["vit_width"]
-    text = model["text"]["config"]
-    text.update(hidden_size=size["text_hidden"], intermediate_size=3 * size["text_hidden"],
-                num_hidden_layers=size["text_layers"])
-    if budget < 1.0:
-        model["compression"] = {"method": method, "ratio": budget}
-    instruct = next(s for s in base["stages"] if s["name"] == "instruct")
-    stage = {"name": "train", "data": instruct["data"], "trainable": [{"params": ["*"]}],
-             "steps": args.steps or size["steps"], "micro_batch_size": size["batch"], "lr": size["lr"],
-             "warmup_steps": size["warmup"], "save_every": 0}
-    eval_section = copy.deepcopy(base["eval"])
-    eval_section["max_samples"] = args.eval_samples or size["eval_samples"]
-    data = copy.deepcopy(base["data"])
+    model["text"]["config"].update(hidden_size=size["text_hidden"], intermediate_size=3 * size["text_hidden"],
+                                   num_hidden_layers=size["text_layers"])
     image_size = vision["model_cfg"]["vision_cfg"]["image_size"]
-    data["max_length"] += (image_size // args.patch_size) ** 2  # the demo's text budget plus the image tokens
+    recipe["data"]["max_length"] += (image_size // args.patch_size) ** 2  # the demo's text budget + image tokens
+    recipe["eval"]["max_samples"] = args.eval_samples or size["eval_samples"]
+    steps = {"clip": size["clip_steps"], "align": size["align_steps"], "instruct": size["base_steps"]}
+    for stage in recipe["stages"]:
+        stage["steps"] = steps[stage["name"]]
+        stage["save_every"] = 0
+    recipe["run"].update(output_dir=str(out_dir), seed=args.seed, log_every=25, threads=1)
+    return recipe
+
+
+def finetune_recipe(args, size: dict, base: dict, method: str, budget: float, out_dir: Path) -> dict:
+    """Continue-train the base model with the method applied when the stage starts."""
+    instruct = next(s for s in base["stages"] if s["name"] == "instruct")
+    stage = {"name": "finetune", "data": instruct["data"], "trainable": [{"params": ["*"]}],
+             "steps": args.steps or size["steps"], "micro_batch_size": size["batch"], "lr": size["lr"],
+             "warmup_steps": 10, "save_every": 0}
+    if method in BEFORE_LLM and budget < 1.0:
+        stage["compression"] = {"method": method, "ratio": budget}
+    elif method == "fastv":
+        stage["token_pruning"] = {"method": "fastv", "layer": args.prune_layer, "keep": budget}
+    elif method == "exit":  # the gates learn with the LLM frozen (DyVTE)
+        stage["token_pruning"] = {"method": "exit"}
+        stage["trainable"] = [{"params": ["*exit_gate*"]}]
+        stage["lr"] = 1e-2
     return {"run": {"output_dir": str(out_dir), "seed": args.seed, "deepspeed": base["run"]["deepspeed"],
-                    "log_every": 10, "threads": args.threads},
-            "model": model, "data": data, "eval": eval_section, "stages": [stage]}
+                    "log_every": 25, "threads": 1},
+            "model": {"init_from": str(Path(base["run"]["output_dir"]) / "model")},
+            "data": copy.deepcopy(base["data"]), "eval": copy.deepcopy(base["eval"]), "stages": [stage]}
 
 
-def train_and_evaluate(recipe: dict, out_dir: Path) -> dict:
-    """Train with the trainer and return its held-out report (a finished run is read, not retrained)."""
-    from mllm.train.config import RunConfig
-    from mllm.train.trainer import run_recipe
-
+def train(recipe: dict, out_dir: Path) -> dict:
+    """`mllm train` in a subprocess (one thread); returns the held-out report (a finished run is read)."""
     report = out_dir / "eval.json"
     if not report.exists():
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "recipe.yaml").write_text(dump_yaml(recipe))
-        run_recipe(from_dict(RunConfig, recipe))
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        with open(out_dir / "train.log", "w") as log:
+            proc = subprocess.run([sys.executable, "-m", "mllm.train.cli", "train", str(out_dir / "recipe.yaml")],
+                                  stdout=log, stderr=subprocess.STDOUT, env=env)
+        if proc.returncode != 0:
+            raise RuntimeError(f"training {out_dir} failed ({proc.returncode}); see {out_dir / 'train.log'}")
     metrics = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     result = json.loads(report.read_text())
     result["final_loss"] = metrics[-1]["loss"] if metrics else float("nan")
@@ -151,13 +175,15 @@ def prefill_inputs(processor, recipe: dict, count: int) -> list[dict]:
 
 
 class Timed:
-    """One configuration's model, optimizer and inputs; each call times one training step or prefill."""
+    """One run's trained model, optimizer and inputs; each call times one training step or prefill."""
 
-    def __init__(self, recipe: dict, batches_count: int, seed: int):
+    def __init__(self, run_dir: Path, recipe: dict, batches_count: int, seed: int):
         torch.manual_seed(seed)
-        self.model, processor = build_model_and_processor(from_dict(ModelSpec, recipe["model"]))
+        self.model, processor = load_trained(str(run_dir / "model"))
         self.model.train()
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
+        for name, param in self.model.named_parameters():  # exit: the LLM trains without exits, gates apart
+            param.requires_grad_(".exit_gate." not in name)
+        self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=1e-4)
         batch = recipe["stages"][0]["micro_batch_size"]
         self.batches = real_batches(self.model, processor, recipe, batch, batches_count)
         self.prompts = prefill_inputs(processor, recipe, batches_count)
@@ -193,8 +219,8 @@ class Timed:
                 "prefill_ms": 1e3 * statistics.median(self.prefill_s)}
 
 
-def time_all(recipes: dict[str, dict], warmup: int, repeats: int, seed: int) -> dict[str, dict]:
-    timed = {name: Timed(recipe, max(1, warmup + repeats), seed) for name, recipe in recipes.items()}
+def time_all(runs: dict[str, tuple[Path, dict]], warmup: int, repeats: int, seed: int) -> dict[str, dict]:
+    timed = {name: Timed(folder, recipe, max(1, warmup + repeats), seed) for name, (folder, recipe) in runs.items()}
     for rep in range(warmup + repeats):  # interleaved: a burst of background load hits every config alike
         for t in timed.values():
             t.train_step(rep, record=rep >= warmup)
@@ -205,14 +231,23 @@ def time_all(recipes: dict[str, dict], warmup: int, repeats: int, seed: int) -> 
 # ---------------------------------------------------------------------------------------- report
 
 
+def layer_share(report: dict, num_layers: int) -> float:
+    """Image tokens present, averaged over the LLM's layers (1.0 without in-LLM pruning), from the eval's
+    per-layer kept fraction (layers before the first pruning layer keep everything)."""
+    kept = report.get("pruning", {}).get("kept_fraction", [])
+    return (num_layers - len(kept) + sum(kept)) / num_layers
+
+
 def table(rows: list[dict]) -> str:
-    head = (f"{'method':<14} {'budget':>6} {'img tok':>7} {'accuracy':>8} {'vs 100%':>7} {'samples/s':>9} "
-            f"{'speed-up':>8} {'llm tok/s':>9} {'prefill ms':>10} {'final loss':>10}")
+    head = (f"{'method':<14} {'budget':>7} {'img tok':>7} {'x layers':>8} {'accuracy':>8} {'vs 100%':>7} "
+            f"{'samples/s':>9} {'speed-up':>8} {'llm tok/s':>9} {'prefill ms':>10} {'final loss':>10}")
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r['method']:<14} {r['budget']:>6.1%} {r['image_tokens']:>7d} {r['accuracy']:>8.3f} "
-                     f"{r['relative_accuracy']:>7.1%} {r['samples_per_s']:>9.1f} {r['speedup']:>7.2f}x "
-                     f"{r['llm_tokens_per_s']:>9.0f} {r['prefill_ms']:>10.1f} {r['final_loss']:>10.4f}")
+        budget = "learned" if r["method"] == "exit" else f"{r['budget']:.1%}"
+        lines.append(f"{r['method']:<14} {budget:>7} {r['image_tokens']:>7d} {r['layer_share']:>8.1%} "
+                     f"{r['accuracy']:>8.3f} {r['relative_accuracy']:>7.1%} {r['samples_per_s']:>9.1f} "
+                     f"{r['speedup']:>7.2f}x {r['llm_tokens_per_s']:>9.0f} {r['prefill_ms']:>10.1f} "
+                     f"{r['final_loss']:>10.4f}")
     return "\n".join(lines)
 
 
@@ -223,21 +258,21 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
-    base = next(r for r in rows if r["budget"] == 1.0)
+    base = next(r for r in rows if r["run"] == "full")
     for ax, key, label in ((axes[0], "samples_per_s", "training throughput (samples/s, higher is better)"),
                            (axes[1], "prefill_ms", "prefill latency, batch 1 (ms, lower is better)")):
         ax.scatter([base[key]], [base["accuracy"]], color="black", marker="*", s=140, label="100% (no compression)",
                    zorder=3)
         for method in METHODS:
-            points = sorted((r for r in rows if r["method"] == method and r["budget"] < 1.0),
-                            key=lambda r: -r["budget"])
+            points = sorted((r for r in rows if r["method"] == method and r["run"] != "full"),
+                            key=lambda r: -r["layer_share"])
             if not points:
                 continue
             xs, ys = [base[key]] + [r[key] for r in points], [base["accuracy"]] + [r["accuracy"] for r in points]
-            ax.plot(xs, ys, marker="o", label=method)
+            ax.plot(xs, ys, marker="o", linestyle="--" if method in INSIDE_LLM else "-", label=method)
             for r in points:
-                ax.annotate(f"{100 * r['budget']:g}%", (r[key], r["accuracy"]), textcoords="offset points",
-                            xytext=(4, 4), fontsize=7)
+                ax.annotate("learned" if method == "exit" else f"{100 * r['budget']:g}%", (r[key], r["accuracy"]),
+                            textcoords="offset points", xytext=(4, 4), fontsize=7)
         ax.set_xlabel(label)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("held-out exact match")
@@ -254,16 +289,15 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--budgets", default=",".join(f"{b:g}" for b in BUDGETS), help="fractions of image tokens")
     parser.add_argument("--patch-size", type=int, default=6, help="48 px images: 6 -> 64 image tokens, 8 -> 36")
-    parser.add_argument("--steps", type=int, default=None, help="training steps per run (default: the size's)")
+    parser.add_argument("--prune-layer", type=int, default=2, help="fastv: first decoder layer without the pruned tokens")
+    parser.add_argument("--steps", type=int, default=None, help="continue-training steps per run (default: the size's)")
     parser.add_argument("--eval-samples", type=int, default=None, help="held-out samples (default: the size's)")
+    parser.add_argument("--jobs", type=int, default=1, help="runs trained at once (one thread each)")
     parser.add_argument("--timing-warmup", type=int, default=2)
     parser.add_argument("--timing-repeats", type=int, default=6)
     parser.add_argument("--base", default="configs/recipes/demo.yaml", help="recipe to derive the runs from")
     parser.add_argument("--out", default="runs/bench_compression")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads for training and timing; 0 = all cores. On a 2-core machine shared with "
-                             "other jobs, 2 threads were 10-20x slower than 1 (they wait for each other)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     size = SIZES[args.size]
@@ -274,38 +308,50 @@ def main() -> None:
     budgets = sorted({float(b) for b in args.budgets.split(",")} | {1.0}, reverse=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(1)  # timing on one thread: two threads on a shared 2-core machine wait for each other
 
-    configs = {"full": ("(none)", 1.0)} | {run_name(m, b): (m, b) for m in methods for b in budgets if b < 1.0}
-    recipes = {name: bench_recipe(args, size, m, b, out / name) for name, (m, b) in configs.items()}
     started = time.perf_counter()
-    reports = {}
-    for i, (name, recipe) in enumerate(recipes.items()):
-        t0 = time.perf_counter()
-        reports[name] = train_and_evaluate(recipe, out / name)
-        print(f"[{i + 1}/{len(recipes)}] {name}: accuracy {reports[name]['accuracy']:.3f} "
-              f"({time.perf_counter() - t0:.0f} s)", flush=True)
-    timings = time_all(recipes, args.timing_warmup, args.timing_repeats, args.seed)
+    base = base_recipe(args, size, out / "base")
+    base_report = train(base, out / "base")
+    print(f"[base] accuracy {base_report['accuracy']:.3f} ({time.perf_counter() - started:.0f} s)", flush=True)
+    configs = {"full": ("(none)", 1.0)}
+    for m in methods:
+        if m == "exit":
+            configs["exit"] = ("exit", float("nan"))
+        else:
+            configs.update({run_name(m, b): (m, b) for b in budgets if b < 1.0})
+    recipes = {name: finetune_recipe(args, size, base, m, b, out / name) for name, (m, b) in configs.items()}
 
-    base = reports["full"]["accuracy"], timings["full"]["samples_per_s"]
+    def one(name: str) -> tuple[str, dict]:
+        t0 = time.perf_counter()
+        report = train(recipes[name], out / name)
+        print(f"[{name}] accuracy {report['accuracy']:.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+        return name, report
+
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        reports = dict(pool.map(one, recipes))
+    timings = time_all({name: (out / name, recipe) for name, recipe in recipes.items()}, args.timing_warmup,
+                       args.timing_repeats, args.seed)
+
+    layers = size["text_layers"]
+    base_accuracy, base_speed = reports["full"]["accuracy"], timings["full"]["samples_per_s"]
     rows = []
     for name, (method, budget) in configs.items():
         r = {"run": name, "method": method, "budget": budget, **timings[name],
-             "accuracy": reports[name]["accuracy"], "per_type": reports[name]["per_type"],
-             "final_loss": reports[name]["final_loss"]}
-        r["relative_accuracy"] = r["accuracy"] / base[0] if base[0] else float("nan")
-        r["speedup"] = r["samples_per_s"] / base[1]
+             "layer_share": layer_share(reports[name], layers), "accuracy": reports[name]["accuracy"],
+             "per_type": reports[name]["per_type"], "final_loss": reports[name]["final_loss"]}
+        r["relative_accuracy"] = r["accuracy"] / base_accuracy if base_accuracy else float("nan")
+        r["speedup"] = r["samples_per_s"] / base_speed
         rows.append(r)
-    steps = recipes["full"]["stages"][0]["steps"]
-    batch = recipes["full"]["stages"][0]["micro_batch_size"]
+    steps, batch = recipes["full"]["stages"][0]["steps"], recipes["full"]["stages"][0]["micro_batch_size"]
     device = platform.processor() or platform.machine()
-    title = (f"{args.size}: {steps} steps x {batch} samples from scratch, patch {args.patch_size} "
-             f"({timings['full']['image_tokens']} image tokens at 100%), {torch.get_num_threads()} threads, {device}")
+    title = (f"{args.size}: base {base_report['accuracy']:.3f} (demo pipeline, {timings['full']['image_tokens']} "
+             f"image tokens), then {steps} steps x {batch} per method; 1 thread, {device}")
     print(f"\n{title}; total {time.perf_counter() - started:.0f} s")
     print(table(rows))
     plot(rows, out / "bench_compression.png", title)
-    (out / "results.json").write_text(json.dumps({"title": title, "args": vars(args), "rows": rows}, indent=2))
+    (out / "results.json").write_text(json.dumps({"title": title, "args": vars(args), "base": base_report["accuracy"],
+                                                  "rows": rows}, indent=2))
     print(f"plot: {out / 'bench_compression.png'}; results: {out / 'results.json'}")
 
 
