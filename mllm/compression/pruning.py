@@ -334,6 +334,8 @@ class PrunedLayer:
         return self._mask(prefix[:, None, :] & causal[None], hidden.dtype)
 
     def _record(self, state: PruningState) -> None:
+        if state.force_exit is not None:  # the exit gates' label runs are not what the model does
+            return
         with torch.no_grad():  # image tokens present in this layer vs all: masked sums, no host sync
             present = state.image if state.keep is None else state.image & state.keep
             stats = torch.stack([state.image.sum().float(), present.sum().float()])
