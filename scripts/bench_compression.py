@@ -56,9 +56,9 @@ SIZES = {
     # Model widths / depths and schedules. `small` shrinks the demo's tower and LLM widths (4 LLM layers, so
     # in-LLM pruning after layer 2 has layers to save); `full` is the demo's model.
     "small": dict(vit_width=64, vit_layers=2, text_hidden=128, text_layers=4, clip_steps=300, align_steps=200,
-                  base_steps=1500, steps=300, batch=32, lr=5e-4, eval_samples=200),
+                  base_steps=1500, steps=300, batch=32, lr=5e-4, eval_samples=1000),
     "full": dict(vit_width=128, vit_layers=4, text_hidden=256, text_layers=4, clip_steps=500, align_steps=200,
-                 base_steps=2000, steps=500, batch=32, lr=5e-4, eval_samples=400),
+                 base_steps=2000, steps=500, batch=32, lr=5e-4, eval_samples=1000),
 }
 
 
@@ -126,6 +126,15 @@ def train(recipe: dict, out_dir: Path) -> dict:
                                   stdout=log, stderr=subprocess.STDOUT, env=env)
         if proc.returncode != 0:
             raise RuntimeError(f"training {out_dir} failed ({proc.returncode}); see {out_dir / 'train.log'}")
+    trained_with = load_yaml(out_dir / "recipe.yaml")["eval"]["max_samples"]
+    wanted = recipe["eval"]["max_samples"]
+    if trained_with != wanted:  # a run from an invocation with another --eval-samples: evaluate it again
+        report = out_dir / f"eval-{wanted}.json"
+        if not report.exists():
+            subprocess.run([sys.executable, "-m", "mllm.train.cli", "eval", "--model", str(out_dir / "model"),
+                            "--data", recipe["eval"]["source"]["path"], "--max-samples", str(wanted),
+                            "--batch-size", str(recipe["eval"].get("batch_size", 64)), "--out", str(report)],
+                           check=True, stdout=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
     metrics = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     result = json.loads(report.read_text())
     result["final_loss"] = metrics[-1]["loss"] if metrics else float("nan")
