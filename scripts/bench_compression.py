@@ -23,7 +23,7 @@ Throughput is per sample (samples/s and the speed-up over 100%); `llm tok/s` cou
 like the trainer's `tokens_per_s`, which fall with compression by construction, so it is printed for
 reference only. Runs are independent processes: `--jobs 2` trains two at once (one thread each).
 
-  nice -n 10 .venv/bin/python scripts/bench_compression.py --jobs 2                 # small (~1 h on 2 cores)
+  nice -n 10 .venv/bin/python scripts/bench_compression.py --jobs 2                 # small (~40 min on 2 cores)
   nice -n 10 .venv/bin/python scripts/bench_compression.py --size full --out runs/bench_compression_full
   nice -n 10 .venv/bin/python scripts/bench_compression.py --methods pool,fastv --budgets 1,0.25 --steps 100
 """
