@@ -24,7 +24,8 @@ from mllm.train.parameters import apply_trainable
 from mllm.train.trainer import apply_transformations
 from mllm.train.paths import missing_data_paths
 
-TINY_TEXT = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+# 4 layers: deep enough for the default layer choices (token pruning from layer 2, MoD from layer 1).
+TINY_TEXT = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4,
              "num_key_value_heads": 2, "max_position_embeddings": 512}
 TINY_CLIP = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
              "image_size": 32, "patch_size": 8}

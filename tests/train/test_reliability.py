@@ -209,6 +209,8 @@ def test_resume_never_refuses_and_resume_path_continues_from_that_checkpoint(wor
 
 def test_dry_run_validates_deepspeed_keys_and_batch_arithmetic(world, tmp_path):
     recipe = tiny_recipe(world, "run_dry")
+    # A stage transformation with the default layer choice runs on the stand-in too (fastv from layer 2).
+    recipe["stages"].append({**recipe["stages"][0], "name": "prune", "token_pruning": {"method": "fastv"}})
     good = mllm("train", str(write_recipe(world, "dry", recipe)), "--dry-run", "--world-size", "64")
     assert "global batch 4 x 1 accum x 64 processes = 256" in good.stdout
     bad_preset = tmp_path / "zero2_typo.json"
