@@ -9,7 +9,6 @@ or config dict) and the tokenizer. `build_model_and_processor` turns it into an
 from __future__ import annotations
 
 import dataclasses
-
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Literal

@@ -34,6 +34,7 @@ class MLLMOutput(ModelOutput):
     image_features: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None  # MoE balance + z losses (weighted), training only
     loss_sum: torch.Tensor | None = None  # summed target-token loss (fused path: the logits are never built)
+    exit_loss: torch.Tensor | None = None  # visual-token exit gates' weighted BCE (in aux_loss), when they train
 
 
 class MLLMPreTrainedModel(PreTrainedModel):
@@ -81,6 +82,7 @@ class MLLMModel(MLLMPreTrainedModel):
             from mllm.sparse.depth import build_dynamic_layers
 
             build_dynamic_layers(self.language_model, config)
+        self.token_pruning = None  # TokenPruningSpec once image tokens are pruned inside the LLM
         if config.token_pruning is not None:
             self.apply_token_pruning(config.token_pruning)
         self.post_init()
@@ -174,7 +176,7 @@ class MLLMModel(MLLMPreTrainedModel):
         if self.config.uses_interval_attention and prefill:
             kwargs.update(self.attention_layout_kwargs(input_ids, attention_mask, modality_ids, document_ids))
         self.pruning_state = None
-        if getattr(self, "token_pruning", None) is not None and prefill:
+        if self.token_pruning is not None and prefill:
             if input_ids is None:
                 raise ValueError("token pruning needs input_ids to find the image tokens and the prompt")
             from mllm.compression.pruning import pruning_state
@@ -317,7 +319,6 @@ class MLLMForConditionalGeneration(MLLMPreTrainedModel, GenerationMixin):
             **kwargs,
         )
         pruning = self.model.pruning_state
-        self.model.exit_loss = None
         hidden = outputs.last_hidden_state  # [B, T, D]
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
@@ -331,6 +332,7 @@ class MLLMForConditionalGeneration(MLLMPreTrainedModel, GenerationMixin):
             logits = self.lm_head(hidden)  # [B, T, V]
             if labels is not None:
                 total, count = causal_lm_loss_sum(logits, labels)
+        exit_loss = None
         if self.training and labels is not None and pruning is not None and pruning.gate_logits \
                 and any(p.requires_grad for p in self.model.exit_gate_parameters()):
             from mllm.compression.pruning import exit_supervision
@@ -340,7 +342,6 @@ class MLLMForConditionalGeneration(MLLMPreTrainedModel, GenerationMixin):
                          use_cache=False)
             exit_loss = exit_supervision(self, rerun, labels, pruning.gate_logits, logits, self.model.token_pruning)
             aux_loss = exit_loss if aux_loss is None else aux_loss + exit_loss
-            self.model.exit_loss = exit_loss.detach()
         if total is not None:
             loss = total / count.clamp(min=1)
             if aux_loss is not None:
@@ -353,6 +354,7 @@ class MLLMForConditionalGeneration(MLLMPreTrainedModel, GenerationMixin):
             image_features=image_features,
             aux_loss=aux_loss,
             loss_sum=total,
+            exit_loss=exit_loss,
         )
 
 

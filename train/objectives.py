@@ -21,7 +21,7 @@ from torch import nn
 
 from mllm.data.packing import collate_packed
 from mllm.data.sources import decode_image, decode_images
-from mllm.modeling import MLLMForConditionalGeneration, causal_lm_loss_sum
+from mllm.modeling import MLLMForConditionalGeneration
 from mllm.processing import MLLMProcessor, SampleTooLongError, llava_to_messages, pad_rows
 from mllm.sparse.config import MoESpec
 from mllm.sparse.moe import load_summary, moe_blocks, routing_counts
@@ -48,9 +48,6 @@ class LMObjective:
         self.packing = packing
         self._aux_sums: dict[str, float] = {}
         self._aux_batches = 0
-        # The MLLMModel inside (under a PEFT wrapper too): visual-token exit leaves its gate loss there.
-        self._inner = next((m for m in model.modules() if type(m).__name__ == "MLLMModel"), None) \
-            if model is not None else None  # None: an objective that only encodes samples
 
     def encode(self, record, image_aspect: str | None = None) -> dict:
         """A record -> input_ids / labels / modality_ids and its images' crops as pixel_values, in placeholder
@@ -109,9 +106,8 @@ class LMObjective:
             for _, block in blocks:
                 for key, value in block.aux_terms.items():
                     self._aux_sums[key] = self._aux_sums.get(key, 0.0) + value / len(blocks)
-            exit_loss = getattr(self._inner, "exit_loss", None)
-            if exit_loss is not None:  # visual-token exit gates training (weighted BCE)
-                self._aux_sums["exit_gate_loss"] = self._aux_sums.get("exit_gate_loss", 0.0) + float(exit_loss)
+            if out.exit_loss is not None:  # visual-token exit gates training (weighted BCE)
+                self._aux_sums["exit_gate_loss"] = self._aux_sums.get("exit_gate_loss", 0.0) + float(out.exit_loss.detach())
             self._aux_batches += 1
         return total, out.aux_loss
 
@@ -137,9 +133,8 @@ class LMObjective:
     def dynamic_metrics(self) -> dict:
         """Mixture-of-Depths kept fraction / gate, Mixture-of-Head head usage and token pruning's kept fraction
         per layer."""
-        from mllm.sparse.depth import dynamic_stats, dynamic_summary
-
         from mllm.compression.pruning import pruning_stats, pruning_summary
+        from mllm.sparse.depth import dynamic_stats, dynamic_summary
 
         out = {}
         pruning = pruning_stats(self.model)

@@ -33,7 +33,6 @@ itself: bit-exact.
 
 from __future__ import annotations
 
-import math
 import sys
 from dataclasses import dataclass, field
 from typing import Literal
@@ -43,7 +42,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from mllm.attention.layout import AttentionLayout, compute_layout, dense_mask
+from mllm.compression.base import gather_tokens
 from mllm.schema import ConfigError, from_dict, to_dict
+from mllm.sparse.mod import MoDLayer, _mixed, check_llama_style_layer, top_fraction
 
 MASKABLE = ("sdpa", "eager", "mllm_interval")  # attention implementations a pruned layer can give its own mask
 
@@ -139,11 +140,16 @@ class PruningState:
         return self._compacted
 
 
+def first_positions(mask: torch.Tensor, n: int) -> torch.Tensor:
+    """[B, n]: each row's positions where `mask` [B, T] holds, in order, then the others (a stable sort)."""
+    return (~mask).to(torch.int8).argsort(dim=1, stable=True)[:, :n]
+
+
 def compact(keep: torch.Tensor, layout: AttentionLayout) -> Compacted:
     """Gather index and renumbered windows for the tokens of `keep` [B, T] bool."""
     count = keep.sum(1)  # [B]
     kept_len = int(count.max())
-    index = (~keep).to(torch.int8).argsort(dim=1, stable=True)[:, :kept_len]  # kept first, in order
+    index = first_positions(keep, kept_len)
     slot = torch.arange(kept_len, device=keep.device)
     slot_valid = slot[None] < count[:, None]
     # before[b, p]: kept tokens at positions < p. A window [s, e) holds exactly the kept keys in slots
@@ -175,7 +181,7 @@ def prompt_tokens(input_ids: torch.Tensor, image: torch.Tensor, valid: torch.Ten
         text = text & (pos <= first[:, None])
     from_end = text.flip(1).long().cumsum(1).flip(1)  # text tokens at or after t
     chosen = text & (from_end <= n)
-    index = (~chosen).to(torch.int8).argsort(dim=1, stable=True)[:, :n]
+    index = first_positions(chosen, n)
     return index, torch.arange(index.shape[1], device=pos.device)[None] < chosen.sum(1, keepdim=True)
 
 
@@ -193,9 +199,8 @@ def pruning_state(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, 
 
 
 def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """x [B or 1, T, ...] at index [B, K] -> [B, K, ...]."""
-    x = x.expand(index.shape[0], *x.shape[1:])
-    return x.gather(1, index.view(*index.shape, *([1] * (x.dim() - 2))).expand(*index.shape, *x.shape[2:]))
+    """x [B or 1, T, ...] at index [B, K] -> [B, K, ...] (rotary tables come with batch 1)."""
+    return gather_tokens(x.expand(index.shape[0], *x.shape[1:]), index)
 
 
 class PrunedLayer:
@@ -269,10 +274,7 @@ class PrunedLayer:
         weights = state.query_valid.float()[:, None, :, None]
         score = (probs * weights).sum((1, 2))  # [B, T]: attention the prompt pays each image token
         present = state.image if state.keep is None else state.image & state.keep
-        quota = torch.ceil(present.sum(1) * self.pruning.keep).long()  # [B]
-        order = score.masked_fill(~present, float("-inf")).argsort(dim=1, descending=True, stable=True)
-        rank = torch.empty_like(order).scatter_(1, order, torch.arange(T, device=order.device).expand_as(order))
-        return present & (rank >= quota[:, None])
+        return present & ~top_fraction(score, present, self.pruning.keep)
 
     # -- running on the kept tokens
 
@@ -348,8 +350,6 @@ class PrunedLayer:
 def apply_pruning(layers: nn.ModuleList, spec: TokenPruningSpec, attn_implementation: str | None) -> list[int]:
     """Class-swap the layers from the first candidate on; exit candidates get a gate that starts closed.
     Returns the candidate layers."""
-    from mllm.sparse.mod import MoDLayer, _mixed, check_llama_style_layer
-
     spec.validate()
     if attn_implementation not in MASKABLE:
         raise ConfigError(f"token_pruning needs one of the attention implementations {', '.join(MASKABLE)} (a pruned "
@@ -378,8 +378,6 @@ def convert(model, spec: TokenPruningSpec) -> list[int]:
     `token_pruning:`); records the section in its config. Returns the candidate layers."""
     if model.config.token_pruning is not None:
         raise ValueError(f"the model already prunes image tokens inside the LLM ({model.config.token_pruning})")
-    if model.config.mod is not None:
-        raise ConfigError("token pruning and Mixture-of-Depths both compact the sequence; the model has mod set")
     section = spec.to_config()
     candidates = model.model.apply_token_pruning(section)
     model.config.token_pruning = section

@@ -80,6 +80,16 @@ class MoDSpec:
         return from_dict(cls, data, "mod")
 
 
+def top_fraction(scores: torch.Tensor, candidates: torch.Tensor, fraction: float) -> torch.Tensor:
+    """[B, T] bool: each row's top ceil(fraction x its candidate count) candidates by `scores` [B, T] (ties: the
+    earlier position), with no host sync."""
+    quota = torch.ceil(candidates.sum(1) * fraction).long()  # [B]
+    order = scores.masked_fill(~candidates, float("-inf")).argsort(dim=1, descending=True, stable=True)
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device)
+                                            .expand_as(order))
+    return candidates & (rank < quota[:, None])
+
+
 class MoDLayer:
     """Mixin swapped into a decoder layer's class (so its parameter names stay the dense ones, plus
     `mod_router`); see the module docstring. Needs Llama-style layers (input_layernorm, self_attn with
@@ -105,11 +115,7 @@ class MoDLayer:
         image [B, T] bool: the real image tokens)."""
         image = context.modality.to(hidden.device).bool() & context.valid.to(hidden.device)
         logits = F.linear(hidden.float(), self.mod_router.weight.float()).squeeze(-1)  # [B, T]
-        quota = torch.ceil(image.sum(1) * self.mod_capacity).long()  # [B]
-        order = logits.masked_fill(~image, float("-inf")).argsort(dim=1, descending=True, stable=True)
-        rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device)
-                                                .expand_as(order))
-        selected = image & (rank < quota[:, None])
+        selected = top_fraction(logits, image, self.mod_capacity)
         gate = torch.ones_like(logits)
         if self.mod_gate == "tanh":
             gate = torch.where(selected, 1 + torch.tanh(logits), gate)
