@@ -1,6 +1,6 @@
 """Run `mllm` (1 process, or N under torchrun) as a subprocess with a hard timeout.
 
-On timeout every worker process gets SIGUSR1, which `mllm` answers by printing all its threads' stacks
+On timeout every worker process gets SIGUSR1 in turn, which `mllm` answers by printing all its threads' stacks
 (faulthandler), and the test fails with those stacks instead of hanging CI.
 """
 
@@ -66,12 +66,15 @@ def run(cmd: list[str], env: dict | None = None, timeout: float = TIMEOUT_S) -> 
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         workers = descendants(proc.pid) or [proc.pid]
-        for pid in workers:  # the workers print their stacks; the launcher itself has no handler
+        # The workers print their stacks (the launcher itself has no handler), one at a time: dumps written
+        # at once to the shared stderr interleave mid-line and garble every rank's stack.
+        for pid in workers:
             try:
                 os.kill(pid, signal.SIGUSR1)
             except ProcessLookupError:
-                pass
-        time.sleep(3)
+                continue
+            time.sleep(2)
+        time.sleep(1)
         for pid in [*workers, proc.pid]:  # workers may run in their own process groups
             try:
                 os.kill(pid, signal.SIGKILL)
