@@ -21,7 +21,8 @@
 
 Throughput is per sample (samples/s and the speed-up over 100%); `llm tok/s` counts the LLM-side tokens
 like the trainer's `tokens_per_s`, which fall with compression by construction, so it is printed for
-reference only. Runs are independent processes: `--jobs 2` trains two at once (one thread each).
+reference only. Runs are independent processes: `--jobs 2` trains two at once (one thread each); the base,
+trained alone first, gets `--jobs` threads.
 
   nice -n 10 .venv/bin/python scripts/bench_compression.py --jobs 2                 # small (~40 min on 2 cores)
   nice -n 10 .venv/bin/python scripts/bench_compression.py --size full --out runs/bench_compression_full
@@ -90,7 +91,8 @@ def base_recipe(args, size: dict, out_dir: Path) -> dict:
     for stage in recipe["stages"]:
         stage["steps"] = steps[stage["name"]]
         stage["save_every"] = 0
-    recipe["run"].update(output_dir=str(out_dir), seed=args.seed, log_every=25, threads=1)
+    # The base trains alone, so it gets one thread per job; the method runs train `--jobs` at a time, one each.
+    recipe["run"].update(output_dir=str(out_dir), seed=args.seed, log_every=25, threads=max(1, args.jobs))
     return recipe
 
 
@@ -120,7 +122,7 @@ def train(recipe: dict, out_dir: Path) -> dict:
     if not report.exists():
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "recipe.yaml").write_text(dump_yaml(recipe))
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        env = {**os.environ, "OMP_NUM_THREADS": str(recipe["run"]["threads"])}
         with open(out_dir / "train.log", "w") as log:
             proc = subprocess.run([sys.executable, "-m", "mllm.train.cli", "train", str(out_dir / "recipe.yaml")],
                                   stdout=log, stderr=subprocess.STDOUT, env=env)
