@@ -248,21 +248,29 @@ def _attention_experts_flops(spec: MoESpec, shape: LLMShape) -> float:
     return a * qo + (1 if spec.share_kv else a) * kv + 2 * shape.hidden * a
 
 
+def layer_matmul_flops_per_token(config: MLLMConfig) -> list[float]:
+    """Forward matmul FLOPs per token of each decoder layer: projections and FFN (MoE layers: activated
+    experts + router; BAM layers: every attention expert)."""
+    shape = LLMShape.from_config(config.text_config)
+    spec = moe_spec(config)
+    sparse = set(spec.layer_indices(shape.layers)) if spec is not None else set()
+    out = []
+    for layer in range(shape.layers):
+        if layer not in sparse:
+            out.append(shape.attention_projections + shape.gated_ffn)
+            continue
+        attention = _attention_experts_flops(spec, shape) if spec.attention_experts else shape.attention_projections
+        out.append(_moe_ffn_flops(spec, shape) + attention)
+    return out
+
+
 def llm_matmul_flops_per_token(config: MLLMConfig) -> float:
     """Forward matmul FLOPs of the language model per token: every decoder layer's projections and FFN
     (MoE layers: activated experts + router) and the LM head. MoT changes which copy of a weight a token
     uses, not the FLOPs."""
     shape = LLMShape.from_config(config.text_config)
-    spec = moe_spec(config)
-    sparse = set(spec.layer_indices(shape.layers)) if spec is not None else set()
-    total = 2 * shape.hidden * shape.vocab  # lm_head, on every position (the logits are all computed)
-    for layer in range(shape.layers):
-        if layer not in sparse:
-            total += shape.attention_projections + shape.gated_ffn
-            continue
-        total += _moe_ffn_flops(spec, shape)
-        total += _attention_experts_flops(spec, shape) if spec.attention_experts else shape.attention_projections
-    return total
+    # lm_head, on every position (the logits are all computed)
+    return 2 * shape.hidden * shape.vocab + sum(layer_matmul_flops_per_token(config))
 
 
 def llm_attention_flops_per_pair(config: MLLMConfig) -> float:
@@ -305,6 +313,56 @@ def mod_skipped_flops(config: MLLMConfig, input_ids: torch.Tensor, real: torch.T
         matmul += float(skipped.sum()) * (q_o + ffn) - router
         attention += float((skipped * mean_window).sum()) * 4 * shape.heads * shape.head_dim
     return matmul, attention
+
+
+def pruning_skipped_flops(config: MLLMConfig, input_ids: torch.Tensor, real: torch.Tensor,
+                          kv_start: torch.Tensor | None = None, kv_end: torch.Tensor | None = None
+                          ) -> tuple[float, float]:
+    """Forward (matmul FLOPs, attention FLOPs) that in-LLM token pruning saves in a training batch, net of
+    what selecting costs.
+
+    fastv: from its layer on, each row runs without all but ceil(keep x its image tokens) of them: their
+    projections, FFN, attention rows and key columns are gone. Its scoring pass costs the q projection of the
+    `query_tokens` prompt tokens, the k projection of every real token and their logits. The pairs of the
+    compacted sequence are exact for causal attention and for any windows that depend only on token counts
+    (all pairs); for MMA / packed windows, which image tokens stay changes them slightly, and the count takes
+    each row's first ones.
+    exit: a training forward keeps every image token (the gates learn from forced exits run without grad,
+    supervision work that is not counted, like recomputation), so it saves nothing; each gate costs one
+    [hidden -> 1] projection per row.
+    """
+    if config.token_pruning is None:
+        return 0.0, 0.0
+    from mllm.attention.layout import AttentionLayout, compute_layout
+    from mllm.compression.pruning import TokenPruningSpec, compact
+
+    spec = TokenPruningSpec.from_config(config.token_pruning)
+    shape = LLMShape.from_config(config.text_config)
+    rows = float(input_ids.shape[0])
+    if spec.method == "exit":
+        gates = len(spec.candidate_layers(shape.layers))
+        return -gates * rows * 2 * shape.hidden, 0.0
+    image = (input_ids == config.image_token_id) & real
+    count = image.sum(1)
+    kept = torch.ceil(count * spec.keep).long()
+    keep = real & ~(image & (image.long().cumsum(1) > kept[:, None]))
+    if kv_start is not None:
+        layout = AttentionLayout(kv_start.to(torch.int32), kv_end.to(torch.int32))
+    else:
+        layout = compute_layout(real.long(), None, None, "causal")
+    full_pairs = float((layout.kv_end.long() - layout.kv_start.long()).clamp(min=0)[real].sum())
+    c = compact(keep, layout)
+    kept_pairs = float((c.layout.kv_end.long() - c.layout.kv_start.long()).clamp(min=0)[c.slot_valid].sum())
+    pruned = range(spec.layer, shape.layers)
+    per_layer = layer_matmul_flops_per_token(config)
+    moe = moe_spec(config)
+    bam = set(moe.layer_indices(shape.layers)) if moe is not None and moe.attention_experts else set()
+    per_pair = sum(4 * shape.heads * shape.head_dim * (moe.attention_experts if i in bam else 1) for i in pruned)
+    queries = min(spec.query_tokens, input_ids.shape[1])  # per row: the scoring pass's query slots
+    scoring = (2 * shape.hidden * shape.head_dim * (shape.heads * queries * rows + shape.kv_heads * float(real.sum()))
+               + 2 * shape.heads * shape.head_dim * queries * float(real.sum()))  # q, k projections; logits
+    matmul = float((count - kept).sum()) * sum(per_layer[i] for i in pruned) - scoring
+    return matmul, (full_pairs - kept_pairs) * per_pair
 
 
 # ------------------------------------------------------------------------------------------------
@@ -420,10 +478,11 @@ def batch_flops(config: MLLMConfig, input_ids: torch.Tensor | None = None,
                              f"{per_image} tokens per image; pass num_images explicitly")
     pairs = attention_pairs(attention_mask, kv_start, kv_end, shape=tuple(ref.shape))
     count = model_flops(config, num_tokens, pairs, num_images, frozen_vision)
-    if config.mod is not None and input_ids is not None:
-        matmul, attention = mod_skipped_flops(config, input_ids, real.to(input_ids.device), kv_start, kv_end)
-        count = dataclasses.replace(count, llm_matmul=count.llm_matmul - matmul,
-                                    llm_attention=count.llm_attention - attention)
+    for skipped in (mod_skipped_flops, pruning_skipped_flops):
+        if input_ids is not None:
+            matmul, attention = skipped(config, input_ids, real.to(input_ids.device), kv_start, kv_end)
+            count = dataclasses.replace(count, llm_matmul=count.llm_matmul - matmul,
+                                        llm_attention=count.llm_attention - attention)
     return count
 
 
@@ -457,6 +516,6 @@ def mfu(flops_per_s: float, device_name: str | None, peak_tflops: float | None =
 
 __all__ = ["PEAK_BF16_TFLOPS", "FlopCount", "LLMShape", "ViTShape", "attention_pairs", "batch_flops",
            "causal_pairs", "current_device_name", "experts_per_token", "image_tokens_per_image", "llm_attention_flops_per_pair",
-           "llm_matmul_flops_per_token", "lookup_peak_tflops", "mfu", "model_flops", "model_flops_per_sample",
-           "projector_flops_per_token", "projector_tokens_per_image", "vision_flops_per_image", "vit_layer_flops",
+           "layer_matmul_flops_per_token", "llm_matmul_flops_per_token", "lookup_peak_tflops", "mfu", "model_flops", "model_flops_per_sample",
+           "projector_flops_per_token", "projector_tokens_per_image", "pruning_skipped_flops", "vision_flops_per_image", "vit_layer_flops",
            "vit_shape"]

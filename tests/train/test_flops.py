@@ -9,6 +9,8 @@ the causal count then differs from it by exactly the masked pairs' attention FLO
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -278,3 +280,42 @@ def test_mod_counts_what_the_skipped_tokens_do_not_run(tiny, capacity):
     assert ours.forward == fc.get_total_flops()
     dense = batch_flops(tiny.config("clip"), ids, **all_pairs(ids))
     assert (ours.forward < dense.forward) == (capacity < 1.0)
+
+
+# ---------------------------------------------------------------------------------------- token pruning
+
+
+@pytest.mark.parametrize("keep", [1.0, 0.5])
+def test_fastv_counts_the_compacted_layers_and_its_scoring_pass(tiny, keep):
+    """From its layer on, the dropped image tokens run nothing (projections, FFN, attention rows and keys);
+    the scoring pass adds its q / k projections and logits. Exact against the counter (SDPA on the compacted
+    length, all pairs)."""
+    from mllm.compression.pruning import TokenPruningSpec, convert
+
+    model = tiny.model("clip", seed=1)
+    convert(model, TokenPruningSpec(method="fastv", layer=1, keep=keep, query_tokens=4))
+    ids = unpadded_batch(model.config)
+    with counter() as fc, torch.no_grad():
+        model(input_ids=ids, pixel_values=tiny.pixel_values(2))
+    ours = batch_flops(model.config, ids, **all_pairs(ids))
+    assert ours.forward == fc.get_total_flops()
+    dense = batch_flops(tiny.config("clip"), ids, **all_pairs(ids))
+    assert (ours.forward < dense.forward) == (keep < 1.0)
+    # Causal windows: the compacted triangle per row, whichever image tokens stay.
+    T, n = SEQ, model.config.num_image_tokens
+    Tk = T - (n - math.ceil(n * keep))
+    layers = model.config.text_config.num_hidden_layers
+    pairs = 2 * (T * (T + 1) // 2) * 1 + 2 * (Tk * (Tk + 1) // 2) * (layers - 1)
+    assert batch_flops(model.config, ids).llm_attention == pairs * flops.llm_attention_flops_per_pair(model.config) / layers
+
+
+def test_exit_gates_cost_one_projection_per_row_and_save_nothing_in_training(tiny):
+    from mllm.compression.pruning import TokenPruningSpec, convert
+
+    model = tiny.model("clip", seed=1)
+    convert(model, TokenPruningSpec(method="exit"))
+    ids = unpadded_batch(model.config)
+    model.train()
+    with counter() as fc:
+        model(input_ids=ids, pixel_values=tiny.pixel_values(2))
+    assert batch_flops(model.config, ids, **all_pairs(ids)).forward == fc.get_total_flops()
