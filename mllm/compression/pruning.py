@@ -44,7 +44,7 @@ from torch import nn
 from mllm.attention.layout import AttentionLayout, compute_layout, dense_mask
 from mllm.compression.base import gather_tokens
 from mllm.schema import ConfigError, from_dict, to_dict
-from mllm.sparse.mod import MoDLayer, _mixed, check_llama_style_layer, top_fraction
+from mllm.sparse.mod import MoDLayer, _mixed, check_llama_style_layer, first_positions, top_fraction
 
 MASKABLE = ("sdpa", "eager", "mllm_interval")  # attention implementations a pruned layer can give its own mask
 
@@ -138,11 +138,6 @@ class PruningState:
                 return None
             self._compacted = compact(self.keep, self.layout)
         return self._compacted
-
-
-def first_positions(mask: torch.Tensor, n: int) -> torch.Tensor:
-    """[B, n]: each row's positions where `mask` [B, T] holds, in order, then the others (a stable sort)."""
-    return (~mask).to(torch.int8).argsort(dim=1, stable=True)[:, :n]
 
 
 def compact(keep: torch.Tensor, layout: AttentionLayout) -> Compacted:

@@ -80,6 +80,11 @@ class MoDSpec:
         return from_dict(cls, data, "mod")
 
 
+def first_positions(mask: torch.Tensor, n: int) -> torch.Tensor:
+    """[B, n]: each row's positions where `mask` [B, T] holds, in order, then the others (a stable sort)."""
+    return (~mask).to(torch.int8).argsort(dim=1, stable=True)[:, :n]
+
+
 def top_fraction(scores: torch.Tensor, candidates: torch.Tensor, fraction: float) -> torch.Tensor:
     """[B, T] bool: each row's top ceil(fraction x its candidate count) candidates by `scores` [B, T] (ties: the
     earlier position), with no host sync."""
@@ -128,7 +133,7 @@ class MoDLayer:
         keep = ~image | selected  # text (and padding) always run
         count = keep.sum(1)  # [B]
         kept_len = int(count.max())  # one host sync per routed layer: the compacted length
-        index = (~keep).to(torch.int8).argsort(dim=1, stable=True)[:, :kept_len]  # kept first, in order
+        index = first_positions(keep, kept_len)  # kept first, in order
         slot_valid = torch.arange(kept_len, device=index.device)[None] < count[:, None]  # [B, Tk]
         gather = index[..., None].expand(-1, -1, D)
 
