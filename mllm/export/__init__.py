@@ -142,7 +142,8 @@ def save_export(
             attention = model.config.attention if model.config.uses_interval_attention else {}
             write_remote_code(tmp, mma_mode=attention.get("mode"),
                               mma_assistant_token_id=attention.get("assistant_token_id"), moe=model.config.moe,
-                              mod=model.config.mod, moh=model.config.moh)
+                              mod=model.config.mod, moh=model.config.moh, compression=model.config.compression,
+                              token_pruning=model.config.token_pruning)
         write_model_card(
             tmp,
             base_model=base_model,

@@ -12,7 +12,8 @@ What is translated (the export's choices, undone):
   `llava.llava_vision_feature_select_strategy`); Llava's "default" on SigLIP drops a real patch, which
   our model cannot express, so it is rejected.
 - Remote-code exports carry `mma_mode` / `mma_assistant_token_id` (-> our `attention` section, SDPA
-  backend) and `moe` / `mod` / `moh` (-> our sections of the same names, unchanged).
+  backend) and `moe` / `mod` / `moh` / `compression` / `token_pruning` (-> our sections of the same names,
+  unchanged).
 
 On disk, transformers v5 writes Llava keys in the pre-4.52 layout (`save_pretrained` reverses the
 "llava" entry of `transformers.conversion_mapping`): `language_model.model.*`, `language_model.lm_head.*`,
@@ -45,7 +46,7 @@ logger = logging.getLogger(__name__)
 # "mllm_llava" / "mllm_mma_llava": remote-code exports (Llava weights + our attention / MoE sections).
 LLAVA_MODEL_TYPES = ("llava", "mllm_llava", "mllm_mma_llava")
 # config.json keys our exporter adds on top of LlavaConfig; the rest is parsed by LlavaConfig itself.
-EXTENSION_KEYS = ("mma_mode", "mma_assistant_token_id", "moe", "mod", "moh")
+EXTENSION_KEYS = ("mma_mode", "mma_assistant_token_id", "moe", "mod", "moh", "compression", "token_pruning")
 # On-disk key prefix -> our module prefix, first match wins (transformers v5 saves the left column).
 ON_DISK_PREFIXES = (
     ("language_model.lm_head.", "lm_head."),
@@ -140,6 +141,8 @@ def mllm_config_from_llava(raw: dict, folder: str | os.PathLike = "<config>") ->
             moe=raw.get("moe"),
             mod=raw.get("mod"),
             moh=raw.get("moh"),
+            compression=raw.get("compression"),
+            token_pruning=raw.get("token_pruning"),
         )
     except ValueError as e:  # e.g. a bad moe section, named by MoESpec
         raise ValueError(f"{folder}/config.json: {e}") from None

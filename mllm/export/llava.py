@@ -48,7 +48,7 @@ def _section_is_active(section) -> bool:
 
 
 # Sections the export's remote code (mllm/export/remote) computes exactly.
-REMOTE_SECTIONS = ("attention", "moe", "mod", "moh")
+REMOTE_SECTIONS = ("attention", "moe", "mod", "moh", "compression", "token_pruning")
 
 
 def check_llava_exportable(config: MLLMConfig, remote_code: bool = False) -> None:
@@ -73,6 +73,9 @@ def check_llava_exportable(config: MLLMConfig, remote_code: bool = False) -> Non
                     f"a plain Llava checkpoint has no {name} layers: export with --format mllm (remote code)"
                     if name in REMOTE_SECTIONS else f"the export cannot carry {name} layers yet")
             )
+    if remote_code and _section_is_active(config.token_pruning) and config.uses_interval_attention:
+        problems.append("token_pruning together with the attention section: the export's MMA attention cannot "
+                        "take a pruned layer's mask yet")
     if not isinstance(config.vision_feature_layer, int):
         problems.append(f"vision_feature_layer={config.vision_feature_layer!r} is not a single layer index")
     if problems:
@@ -162,6 +165,16 @@ def to_llava(model: MLLMForConditionalGeneration, share_weights: bool = False,
             from mllm.sparse.depth import build_dynamic_layers
 
             build_dynamic_layers(llava.model.language_model, model.config)
+        if model.config.compression is not None:  # pixel_shuffle's widened projector
+            llava.model.multi_modal_projector.linear_1 = nn.Linear(
+                *model.model.multi_modal_projector.linear_1.weight.shape[::-1],
+                bias=model.config.multimodal_projector_bias)
+        if model.config.token_pruning is not None:  # the exit gates' parameters
+            from mllm.compression.pruning import TokenPruningSpec, apply_pruning
+            from mllm.sparse.moe import decoder_layers
+
+            apply_pruning(decoder_layers(llava.model.language_model),
+                          TokenPruningSpec.from_config(model.config.token_pruning), "sdpa")
 
     parts = _parts(model, vision_tower)
     state = {prefix + key: value for prefix, part in parts.items() for key, value in part.state_dict().items()}
@@ -236,14 +249,21 @@ def to_llava_processor(processor, model_config: MLLMConfig) -> LlavaProcessor:
     tokenizer = copy.deepcopy(processor.tokenizer)
     tokenizer.padding_side = "left"
     tokenizer.init_kwargs["padding_side"] = "left"  # what save_pretrained writes
+    strategy = llava_vision_feature_select_strategy(model_config)
+    extra = 1 if has_cls_token(vision_config) else 0
+    if model_config.compression is not None:
+        # LlavaProcessor expands <image> to (H // patch)(W // patch) + extra, minus 1 for "default": with the
+        # whole image as one patch, `extra` sets any count, e.g. the compressed K.
+        patch_size = vision_config.image_size
+        extra = model_config.num_image_tokens - 1 + (strategy == "default")
     llava_processor = LlavaProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
         patch_size=patch_size,
-        vision_feature_select_strategy=llava_vision_feature_select_strategy(model_config),
+        vision_feature_select_strategy=strategy,
         chat_template=processor.chat_template,
         image_token=processor.image_token,
-        num_additional_image_tokens=1 if has_cls_token(vision_config) else 0,
+        num_additional_image_tokens=extra,
     )
     probe = llava_processor(images=[_probe_image()], text=processor.image_token, return_tensors="pt")
     n_tokens = int((probe["input_ids"] == model_config.image_token_id).sum())

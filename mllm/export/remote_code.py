@@ -6,9 +6,11 @@ entry files (`mllm/export/remote/`) are written for the export; everything they 
 own source, copied at export time with its `mllm.*` imports rewritten to sibling-relative ones, so the
 exported model runs the code that trained it (one source, no hand-kept twin):
 
-    mllm/attention/layout.py   -> mma_layout.py
-    mllm/schema.py             -> mllm_schema.py
-    mllm/sparse/<name>.py      -> sparse_<name>.py
+    mllm/attention/layout.py        -> mma_layout.py
+    mllm/schema.py                  -> mllm_schema.py
+    mllm/sparse/<name>.py           -> sparse_<name>.py
+    mllm/compression/__init__.py    -> compression.py
+    mllm/compression/<name>.py      -> compression_<name>.py
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 
 ENTRY_FILES = ("configuration_mllm_llava.py", "modeling_mllm_llava.py")
 SPARSE_MODULES = ("config", "routing", "experts", "moe", "mot", "attention_experts", "upcycle", "mod", "moh", "depth")
+COMPRESSION_MODULES = ("config", "base", "pooling", "tome", "vmtc", "pruning")
 MODEL_TYPE = "mllm_llava"
 ARCHITECTURE = "MLLMLlavaForConditionalGeneration"
 AUTO_MAP = {
@@ -29,29 +32,35 @@ AUTO_MAP = {
 # installs huggingface_hub and pyyaml itself.
 ALLOWED_PACKAGES = {"torch", "transformers", "huggingface_hub", "yaml"}
 
-_IMPORT = re.compile(r"^(\s*)from\s+mllm\.(sparse\.(\w+)|schema|attention\.layout)\s+import\s", re.M)
+_IMPORT = re.compile(r"^(\s*)from\s+mllm\.((?:sparse|compression)(?:\.\w+)?|schema|attention\.layout)\s+import\s",
+                     re.M)
 _ANY_MLLM_IMPORT = re.compile(r"^\s*(?:from|import)\s+mllm\b.*$", re.M)
+
+
+def _exported_modules() -> dict[str, str]:
+    """mllm module (dotted, without `mllm.`) -> the flat file name (without .py) it is exported as."""
+    modules = {"attention.layout": "mma_layout", "schema": "mllm_schema", "compression": "compression"}
+    modules.update({f"sparse.{m}": f"sparse_{m}" for m in SPARSE_MODULES})
+    modules.update({f"compression.{m}": f"compression_{m}" for m in COMPRESSION_MODULES})
+    return modules
 
 
 def _sources() -> dict[str, Path]:
     """Exported file name -> the mllm source file it is copied from."""
     root = Path(__file__).resolve().parents[1]  # the mllm package
     sources = {name: root / "export" / "remote" / name for name in ENTRY_FILES}
-    sources["mma_layout.py"] = root / "attention" / "layout.py"
-    sources["mllm_schema.py"] = root / "schema.py"
-    sources.update({f"sparse_{m}.py": root / "sparse" / f"{m}.py" for m in SPARSE_MODULES})
+    for module, name in _exported_modules().items():
+        path = root.joinpath(*module.split("."))
+        sources[f"{name}.py"] = path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
     return sources
 
 
 def _relative(match: re.Match) -> str:
-    indent, target, sparse_module = match.group(1), match.group(2), match.group(3)
-    if sparse_module is not None:
-        if sparse_module not in SPARSE_MODULES:
-            raise RuntimeError(f"mllm.sparse.{sparse_module} is imported by exported code but not exported; add it "
-                               "to SPARSE_MODULES in mllm/export/remote_code.py")
-        name = f"sparse_{sparse_module}"
-    else:
-        name = {"schema": "mllm_schema", "attention.layout": "mma_layout"}[target]
+    indent, target = match.group(1), match.group(2)
+    name = _exported_modules().get(target)
+    if name is None:
+        raise RuntimeError(f"mllm.{target} is imported by exported code but not exported; add it to SPARSE_MODULES "
+                           "or COMPRESSION_MODULES in mllm/export/remote_code.py")
     return f"{indent}from .{name} import "
 
 
@@ -72,7 +81,8 @@ def imported_packages(source: str) -> set[str]:
 
 
 def write_remote_code(folder: Path, *, mma_mode: str | None = None, mma_assistant_token_id: int | None = None,
-                      moe: dict | None = None, mod: dict | None = None, moh: dict | None = None) -> None:
+                      moe: dict | None = None, mod: dict | None = None, moh: dict | None = None,
+                      compression: dict | None = None, token_pruning: dict | None = None) -> None:
     """Copy the remote-code files into a saved Llava folder and point config.json's Auto classes at them."""
     import sys
 
@@ -88,7 +98,8 @@ def write_remote_code(folder: Path, *, mma_mode: str | None = None, mma_assistan
     config_path = folder / "config.json"
     config = json.loads(config_path.read_text())
     config.update(model_type=MODEL_TYPE, architectures=[ARCHITECTURE], auto_map=AUTO_MAP, mma_mode=mma_mode,
-                  mma_assistant_token_id=mma_assistant_token_id, moe=moe, mod=mod, moh=moh)
+                  mma_assistant_token_id=mma_assistant_token_id, moe=moe, mod=mod, moh=moh, compression=compression,
+                  token_pruning=token_pruning)
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
 
 

@@ -158,3 +158,16 @@ def test_lora_merged_export_loads_without_our_package(tokenizer_dir, tmp_path): 
     moved = [k for k, v in merged.state_dict().items() if not torch.equal(v, base[k])]
     assert any("experts.gate_proj" in k for k in moved) and any("self_attn.q_proj" in k for k in moved)
     reload_in_clean_env(merged, processor, tmp_path, "mllm")
+
+
+def test_compressed_and_pruned_export_loads_without_our_package(tokenizer_dir, tmp_path):  # noqa: F811
+    """pixel_shuffle before the projector and fastv inside the LLM, from the folder's own flat files."""
+    from test_export_remote import build as build_remote
+
+    from mllm.compression import CompressionSpec
+    from mllm.compression.pruning import TokenPruningSpec
+
+    model, processor = build_remote(tokenizer_dir, None, case="clip-qwen2",
+                                    compression=CompressionSpec(method="pixel_shuffle", ratio=0.5),
+                                    token_pruning=TokenPruningSpec(method="fastv", layer=1, keep=0.5))
+    reload_in_clean_env(model, processor, tmp_path, "mllm")

@@ -5,6 +5,8 @@ MoT, BAM attention experts) and MoE + MMA are exported, reloaded with `trust_rem
 compared with our model on a left-padded batch (fp32 logits) and in cached greedy generation. The
 remote files are mllm's own sources with relative imports: every import in them is torch, transformers
 or the standard library. A dense model exported this way still loads, and `--format llava` refuses MoE.
+Compressed models (every method, CLS kept or not, SigLIP) and in-LLM pruning (fastv, exit) are exported and
+compared the same way.
 """
 
 import json
@@ -29,11 +31,11 @@ MOE_VARIANTS = {
 }
 
 
-def build(tokenizer_dir, moe: dict | None, case: str = "open_clip-llama", mma: bool = False):
+def build(tokenizer_dir, moe: dict | None, case: str = "open_clip-llama", mma: bool = False, **sections):
     vision, text = CASES[case]
     spec = ModelSpec(vision=VisionSpec(**vision), projector=ProjectorSpec(depth=2), text=TextSpec(config=dict(text)),
                      tokenizer=tokenizer_dir, moe=MoESpec(**moe) if moe else None,
-                     attention=AttentionSpec(mode="mma", backend="sdpa") if mma else AttentionSpec())
+                     attention=AttentionSpec(mode="mma", backend="sdpa") if mma else AttentionSpec(), **sections)
     model, processor = build_model_and_processor(spec)
     perturb(model)
     return model.eval(), processor
@@ -180,3 +182,64 @@ def test_pad_trained_processor_exports_as_llava_padding_and_anyres_is_refused(to
     with pytest.raises(ValueError, match="anyres"):
         save_export(model, processor, tmp_path / "anyres")
     assert not (tmp_path / "anyres").exists()
+
+
+# ---------------------------------------------------------------------------------------- compression
+
+
+COMPRESSED = {  # 9 patch tokens per image (a 3 x 3 grid)
+    "pool": ("open_clip-llama", dict(method="pool", ratio=0.5)),
+    "pixel_shuffle-full": ("clip-full-qwen2", dict(method="pixel_shuffle", ratio=0.25)),  # CLS kept, zero-padded
+    "tome": ("clip-qwen2", dict(method="tome", ratio=0.5)),
+    "vmtc-cls": ("open_clip-llama", dict(method="vmtc", ratio=0.5, saliency="cls")),  # needs the CLS state
+    "vmtc-siglip": ("siglip-llama", dict(method="vmtc", ratio=0.5, saliency="norm")),
+}
+
+
+@pytest.mark.parametrize("variant", list(COMPRESSED))
+def test_compressed_export_matches_our_model_and_reads_back(tokenizer_dir, tmp_path, variant):
+    """The export's processor expands <image> to the compressed count, and its model merges the tokens
+    around the projector exactly as ours (logits on a left-padded batch, cached generation)."""
+    from mllm.compression import CompressionSpec
+    from mllm.export.from_llava import load_llava_as_mllm
+
+    case, section = COMPRESSED[variant]
+    model, processor = build(tokenizer_dir, None, case=case, compression=CompressionSpec(**section))
+    assert processor.num_image_tokens == model.config.num_image_tokens < 10
+    out = save_export(model, processor, tmp_path / "export")
+    assert json.loads((out / "config.json").read_text())["compression"] == model.config.compression
+    assert_remote_matches(model, processor, out)
+    back, back_processor = load_llava_as_mllm(out)
+    assert back.config.compression == model.config.compression
+    assert back_processor.num_image_tokens == processor.num_image_tokens
+    inputs = processor(images=images(2), text=prompts(processor))
+    inputs.pop("modality_ids")
+    with torch.no_grad():
+        torch.testing.assert_close(back(**inputs).logits, model(**inputs).logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["fastv", "exit"])
+def test_token_pruning_export_matches_our_model(tokenizer_dir, tmp_path, method):
+    """fastv after layer 1 / exit gates (opened on one layer so tokens really leave) run in the export by
+    the same code; logits and cached generation match ours."""
+    from mllm.compression.pruning import TokenPruningSpec
+
+    spec = TokenPruningSpec(method=method, layer=1, keep=0.5, query_tokens=4)
+    model, processor = build(tokenizer_dir, None, token_pruning=spec)
+    if method == "exit":
+        gate = model.model.language_model.layers[1].exit_gate
+        torch.nn.init.constant_(gate.bias, 4.0)  # open: every row's image tokens leave after layer 1
+    out = save_export(model, processor, tmp_path / "export")
+    assert json.loads((out / "config.json").read_text())["token_pruning"] == model.config.token_pruning
+    exported = assert_remote_matches(model, processor, out)
+    stats = [m.pruning_stats for m in exported.modules() if getattr(m, "pruning_stats", None) is not None]
+    assert stats and all(float(s[1]) < float(s[0]) for s in stats)  # image tokens really left
+
+
+def test_token_pruning_with_mma_is_refused_before_writing(tokenizer_dir, tmp_path):
+    from mllm.compression.pruning import TokenPruningSpec
+
+    model, processor = build(tokenizer_dir, None, mma=True, token_pruning=TokenPruningSpec(method="fastv", layer=1))
+    with pytest.raises(ValueError, match="token_pruning together with the attention section"):
+        save_export(model, processor, tmp_path / "export")
+    assert not (tmp_path / "export").exists() and not (tmp_path / "export.tmp").exists()

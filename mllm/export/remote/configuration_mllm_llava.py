@@ -22,3 +22,7 @@ class MLLMLlavaConfig(LlavaConfig):
     # Mixture-of-Depths over image tokens / Mixture-of-Head attention (mllm's MoDSpec / MoHSpec as dicts).
     mod: dict | None = None
     moh: dict | None = None
+    # Visual-token compression before the LLM / image-token pruning inside it (mllm's CompressionSpec /
+    # TokenPruningSpec as dicts).
+    compression: dict | None = None
+    token_pruning: dict | None = None

@@ -10,6 +10,11 @@ holds for cached decoding, where only new text tokens arrive.
 With `mma_mode` the language model's attention at prefill lets image tokens also attend to the question
 that follows them, up to the assistant turn, and each image span is bidirectional; decode steps are plain
 causal over the cache, as in training.
+
+With `compression` each image's patch tokens are merged to a fixed count around the projector (pool,
+pixel_shuffle, ToMe, VMTC; the processor expands `<image>` to that count); with `token_pruning` image
+tokens leave the sequence inside the language model (fastv, visual-token exit), by the same code as in
+training (`compression*.py`).
 """
 
 import torch
@@ -18,9 +23,15 @@ from transformers.conversion_mapping import get_checkpoint_conversion_mapping, r
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from .compression import build_compressor
+from .compression_config import CompressionSpec
+from .compression_pruning import TokenPruningSpec, apply_pruning, pruning_state
 from .configuration_mllm_llava import MLLMLlavaConfig
 from .mma_layout import compute_layout, dense_mask
 from .sparse_depth import build_dynamic_layers
+from .sparse_moe import decoder_layers
 from .sparse_routing import RoutingContext, set_routing_context
 from .sparse_upcycle import build_moe_layers
 
@@ -52,6 +63,35 @@ register_checkpoint_conversion_mapping(MLLMLlavaConfig.model_type, get_checkpoin
                                        overwrite=True)
 
 
+class CompressingModel:
+    """Mixin swapped into the inner LlavaModel of a compressing export: the tower's selected features go
+    through the compressor around the projector, as in mllm's `MLLMModel.encode_images`."""
+
+    def get_image_features(self, pixel_values, vision_feature_layer=None, vision_feature_select_strategy=None,
+                           **kwargs):
+        layer = self.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
+        strategy = vision_feature_select_strategy or self.config.vision_feature_select_strategy
+        outputs = self.vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
+        hidden = outputs.hidden_states[layer]  # [N, (1 +) P, D_vision]
+        has_cls = self.config.vision_config.model_type != "siglip_vision_model"
+        features = hidden[:, 1:] if strategy == "default" else hidden
+        projected = self.token_compressor.compress_and_project(
+            features, self.multi_modal_projector, cls_state=hidden[:, 0] if has_cls else None,
+            keeps_cls=has_cls and strategy == "full")
+        return BaseModelOutputWithPooling(last_hidden_state=outputs.last_hidden_state,
+                                          hidden_states=outputs.hidden_states, pooler_output=list(projected))
+
+
+def widen_projector(model, section: dict) -> None:
+    """pixel_shuffle: the projector's first layer takes `channel_factor` times the tower's width."""
+    factor = CompressionSpec.from_config(section).channel_factor
+    old = model.multi_modal_projector.linear_1
+    if factor > 1 and old.in_features == model.config.vision_config.hidden_size:
+        model.multi_modal_projector.linear_1 = torch.nn.Linear(old.in_features * factor, old.out_features,
+                                                               bias=old.bias is not None, device=old.weight.device,
+                                                               dtype=old.weight.dtype)
+
+
 class MLLMLlavaForConditionalGeneration(LlavaForConditionalGeneration):
     config_class = MLLMLlavaConfig
     # ZeRO-3 must gather an MoE block's parameters as one unit (ranks route tokens to different experts).
@@ -67,6 +107,15 @@ class MLLMLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             build_moe_layers(self.model.language_model, config.moe, std)
         if config.mod is not None or config.moh is not None:  # Mixture-of-Depths / Mixture-of-Head
             build_dynamic_layers(self.model.language_model, config)
+        if config.compression is not None:
+            widen_projector(self.model, config.compression)
+            self.model.token_compressor = build_compressor(config.compression)  # parameter-free
+            self.model.__class__ = type("MLLMLlavaModel", (CompressingModel, type(self.model)), {})
+        self.pruning = None
+        if config.token_pruning is not None:
+            self.pruning = TokenPruningSpec.from_config(config.token_pruning)
+            apply_pruning(decoder_layers(self.model.language_model), self.pruning,
+                          self.config.text_config._attn_implementation)
         self._routed = [m for m in self.model.language_model.modules() if hasattr(m, "routing_context")]
 
     @property
@@ -83,6 +132,12 @@ class MLLMLlavaForConditionalGeneration(LlavaForConditionalGeneration):
                 input_ids == self.config.mma_assistant_token_id,
                 mode=self.config.mma_mode,
             )
+        if self.pruning is not None and prefill:
+            if input_ids is None:
+                raise ValueError("this export prunes image tokens inside the language model and needs input_ids, "
+                                 "not inputs_embeds")
+            kwargs["token_pruning"] = pruning_state(input_ids, attention_mask, self.config.image_token_id,
+                                                    self.pruning, None)
         if self._routed:
             if input_ids is None:
                 raise ValueError("this export routes by modality (MoE / MoD / MoH) and needs input_ids, not "
