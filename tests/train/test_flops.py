@@ -265,6 +265,15 @@ def test_mfu():
 # ---------------------------------------------------------------------------------------- MoD
 
 
+def exact_and_dense(tiny, model, ids: torch.Tensor):
+    """(our count of `model`'s forward, asserted equal to the counter's; the dense model's count)."""
+    with counter() as fc, torch.no_grad():
+        model(input_ids=ids, pixel_values=tiny.pixel_values(2))
+    ours = batch_flops(model.config, ids, **all_pairs(ids))
+    assert ours.forward == fc.get_total_flops()
+    return ours, batch_flops(tiny.config("clip"), ids, **all_pairs(ids))
+
+
 @pytest.mark.parametrize("capacity", [1.0, 0.3])
 def test_mod_counts_what_the_skipped_tokens_do_not_run(tiny, capacity):
     """Skipped image tokens: no q/o projection, FFN or attention row; the router runs on every token."""
@@ -273,12 +282,7 @@ def test_mod_counts_what_the_skipped_tokens_do_not_run(tiny, capacity):
 
     model = tiny.model("clip", seed=1)
     convert(model, mod=MoDSpec(capacity=capacity, skip_first=0))
-    ids = unpadded_batch(model.config)
-    with counter() as fc, torch.no_grad():
-        model(input_ids=ids, pixel_values=tiny.pixel_values(2))
-    ours = batch_flops(model.config, ids, **all_pairs(ids))
-    assert ours.forward == fc.get_total_flops()
-    dense = batch_flops(tiny.config("clip"), ids, **all_pairs(ids))
+    ours, dense = exact_and_dense(tiny, model, unpadded_batch(model.config))
     assert (ours.forward < dense.forward) == (capacity < 1.0)
 
 
@@ -295,11 +299,7 @@ def test_fastv_counts_the_compacted_layers_and_its_scoring_pass(tiny, keep):
     model = tiny.model("clip", seed=1)
     convert(model, TokenPruningSpec(method="fastv", layer=1, keep=keep, query_tokens=4))
     ids = unpadded_batch(model.config)
-    with counter() as fc, torch.no_grad():
-        model(input_ids=ids, pixel_values=tiny.pixel_values(2))
-    ours = batch_flops(model.config, ids, **all_pairs(ids))
-    assert ours.forward == fc.get_total_flops()
-    dense = batch_flops(tiny.config("clip"), ids, **all_pairs(ids))
+    ours, dense = exact_and_dense(tiny, model, ids)
     assert (ours.forward < dense.forward) == (keep < 1.0)
     # Causal windows: the compacted triangle per row, whichever image tokens stay.
     T, n = SEQ, model.config.num_image_tokens
