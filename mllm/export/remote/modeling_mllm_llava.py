@@ -22,7 +22,6 @@ from transformers import AttentionInterface, LlavaForConditionalGeneration
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from .compression import build_compressor
@@ -86,7 +85,7 @@ def widen_projector(model, section: dict) -> None:
     """pixel_shuffle: the projector's first layer takes `channel_factor` times the tower's width."""
     factor = CompressionSpec.from_config(section).channel_factor
     old = model.multi_modal_projector.linear_1
-    if factor > 1 and old.in_features == model.config.vision_config.hidden_size:
+    if factor > 1:
         model.multi_modal_projector.linear_1 = torch.nn.Linear(old.in_features * factor, old.out_features,
                                                                bias=old.bias is not None, device=old.weight.device,
                                                                dtype=old.weight.dtype)
