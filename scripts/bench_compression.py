@@ -4,8 +4,8 @@
    per image (`--patch-size 6` on the 48 px images; the demo's 16 px patches give 9, too few to compress).
    Written to <out>/base and reused by later invocations.
 2. Every configuration continue-trains the base for `--steps` steps on the demo's instruct mix (VQA 3 :
-   captions 1), everything trainable, through `mllm train` (model.init_from = the base; the method comes in
-   as the stage's `compression:` / `token_pruning:` transformation, so pixel_shuffle's widened projector
+   captions 1), everything trainable (`--frozen-tower`: the projector and the LLM), through `mllm train`
+   (model.init_from = the base; the method comes in as the stage's `compression:` / `token_pruning:` transformation, so pixel_shuffle's widened projector
    starts as average pooling). The 100% row continue-trains the same steps without compression, so every
    row has seen the same data. Each run's recipe is <out>/<run>/recipe.yaml (`mllm train` reproduces it);
    held-out exact match comes from the trainer's eval (greedy decoding with the KV cache).
@@ -99,7 +99,8 @@ def base_recipe(args, size: dict, out_dir: Path) -> dict:
 def finetune_recipe(args, size: dict, base: dict, method: str, budget: float, out_dir: Path) -> dict:
     """Continue-train the base model with the method applied when the stage starts."""
     instruct = next(s for s in base["stages"] if s["name"] == "instruct")
-    stage = {"name": "finetune", "data": instruct["data"], "trainable": [{"params": ["*"]}],
+    trainable = ["model.multi_modal_projector.*", "model.language_model.*", "lm_head.*"] if args.frozen_tower else ["*"]
+    stage = {"name": "finetune", "data": instruct["data"], "trainable": [{"params": trainable}],
              "steps": args.steps or size["steps"], "micro_batch_size": size["batch"], "lr": size["lr"],
              "warmup_steps": 10, "save_every": 0}
     if method in BEFORE_LLM and budget < 1.0:
@@ -188,12 +189,12 @@ def prefill_inputs(processor, recipe: dict, count: int) -> list[dict]:
 class Timed:
     """One run's trained model, optimizer and inputs; each call times one training step or prefill."""
 
-    def __init__(self, run_dir: Path, recipe: dict, batches_count: int, seed: int):
+    def __init__(self, run_dir: Path, recipe: dict, batches_count: int, seed: int, frozen_tower: bool):
         torch.manual_seed(seed)
         self.model, processor = load_trained(str(run_dir / "model"))
         self.model.train()
         for name, param in self.model.named_parameters():  # exit: the LLM trains without exits, gates apart
-            param.requires_grad_(".exit_gate." not in name)
+            param.requires_grad_(".exit_gate." not in name and not (frozen_tower and ".vision_tower." in f".{name}"))
         self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=1e-4)
         batch = recipe["stages"][0]["micro_batch_size"]
         self.batches = real_batches(self.model, processor, recipe, batch, batches_count)
@@ -230,8 +231,10 @@ class Timed:
                 "prefill_ms": 1e3 * statistics.median(self.prefill_s)}
 
 
-def time_all(runs: dict[str, tuple[Path, dict]], warmup: int, repeats: int, seed: int) -> dict[str, dict]:
-    timed = {name: Timed(folder, recipe, max(1, warmup + repeats), seed) for name, (folder, recipe) in runs.items()}
+def time_all(runs: dict[str, tuple[Path, dict]], warmup: int, repeats: int, seed: int,
+             frozen_tower: bool) -> dict[str, dict]:
+    timed = {name: Timed(folder, recipe, max(1, warmup + repeats), seed, frozen_tower)
+             for name, (folder, recipe) in runs.items()}
     for rep in range(warmup + repeats):  # interleaved: a burst of background load hits every config alike
         for t in timed.values():
             t.train_step(rep, record=rep >= warmup)
@@ -303,6 +306,8 @@ def main() -> None:
     parser.add_argument("--prune-layer", type=int, default=2, help="fastv: first decoder layer without the pruned tokens")
     parser.add_argument("--steps", type=int, default=None, help="continue-training steps per run (default: the size's)")
     parser.add_argument("--eval-samples", type=int, default=None, help="held-out samples (default: the size's)")
+    parser.add_argument("--frozen-tower", action="store_true",
+                        help="continue-train the projector and the LLM only (LLaVA's instruction tuning); timed alike")
     parser.add_argument("--jobs", type=int, default=1, help="runs trained at once (one thread each)")
     parser.add_argument("--timing-warmup", type=int, default=2)
     parser.add_argument("--timing-repeats", type=int, default=6)
@@ -342,7 +347,7 @@ def main() -> None:
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         reports = dict(pool.map(one, recipes))
     timings = time_all({name: (out / name, recipe) for name, recipe in recipes.items()}, args.timing_warmup,
-                       args.timing_repeats, args.seed)
+                       args.timing_repeats, args.seed, args.frozen_tower)
 
     layers = size["text_layers"]
     base_accuracy, base_speed = reports["full"]["accuracy"], timings["full"]["samples_per_s"]
