@@ -7,8 +7,9 @@
    captions 1), everything trainable (`--frozen-tower`: the projector and the LLM), through `mllm train`
    (model.init_from = the base; the method comes in as the stage's `compression:` / `token_pruning:`
    transformation, so pixel_shuffle's widened projector starts as average pooling). The 100% row
-   continue-trains the same steps without compression, so every row has seen the same data. Each run's recipe is <out>/<run>/recipe.yaml (`mllm train` reproduces it);
-   held-out exact match comes from the trainer's eval (greedy decoding with the KV cache).
+   continue-trains the same steps without compression, so every row has seen the same data. Each run's
+   recipe is <out>/<run>/recipe.yaml (`mllm train` reproduces it); held-out exact match comes from the
+   trainer's eval (greedy decoding with the KV cache).
    - before the LLM (fixed K per image): pool, pixel_shuffle, tome, vmtc at each budget;
    - inside the LLM: fastv (text-guided, image tokens cut to `budget` from decoder layer `--prune-layer`);
      exit (DyVTE-style visual-token exit: the base's exit gates train for `--steps` steps with the LLM
