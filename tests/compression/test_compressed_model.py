@@ -222,13 +222,14 @@ def test_cls_saliency_on_siglip_is_rejected_at_config_time(tiny):
 
 
 @pytest.mark.parametrize("ratio", [0.25, 1.0])
-def test_llava_export_refuses_compression(tiny, ratio):
-    """Llava has no compressor: even ratio 1.0 (numerically the identity) is refused, as every set section is."""
+def test_plain_llava_export_refuses_compression(tiny, ratio):
+    """Plain Llava has no compressor: even ratio 1.0 (numerically the identity) is refused, as every set section
+    is, naming the remote-code format that carries it (tests/export/test_export_remote.py)."""
     m = model(tiny, {"method": "tome", "ratio": ratio})
-    for remote_code in (False, True):  # mllm's remote code does not carry compression either
-        with pytest.raises(ValueError, match=r"cannot export .* the 'compression' section is set .* the export "
-                                             r"cannot carry compression"):
-            check_llava_exportable(m.config, remote_code=remote_code)
+    with pytest.raises(ValueError, match=r"cannot export .* the 'compression' section is set .* export with "
+                                         r"--format mllm"):
+        check_llava_exportable(m.config, remote_code=False)
+    check_llava_exportable(m.config, remote_code=True)
     with pytest.raises(ValueError, match="'compression' section is set"):
         to_llava(m)
 
