@@ -3,7 +3,7 @@
 FAULT is `kind:step:rank`:
   nan_loss     the loss of that step on that rank is NaN
   nan_grad     the loss is finite but its gradient is NaN (through the logits)
-  hang         the rank sleeps for an hour inside that step
+  hang         the rank sleeps for an hour inside that step (first writing the file $MLLM_FAULT_HUNG, if set)
   kill_in_save the rank SIGKILLs itself while writing that step's checkpoint (after the files, before commit)
   sigterm      the rank sends itself SIGTERM during that step (preemption)
 """
@@ -51,6 +51,9 @@ original_loss = objectives.LMObjective.loss
 
 def loss(self, engine, batch):
     if here() and KIND == "hang":
+        if os.environ.get("MLLM_FAULT_HUNG"):  # tells the harness to dump the stacks now
+            with open(os.environ["MLLM_FAULT_HUNG"], "w") as f:
+                f.write(str(os.getpid()))
         time.sleep(3600)
     if here() and KIND == "sigterm":
         os.kill(os.getpid(), signal.SIGTERM)

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 TIMEOUT_S = 300
 
@@ -57,33 +58,47 @@ def stacks_of(stderr: str, context: int = 3000) -> str:
     return stderr[max(0, start - context):]
 
 
-def run(cmd: list[str], env: dict | None = None, timeout: float = TIMEOUT_S) -> subprocess.CompletedProcess:
+def run(cmd: list[str], env: dict | None = None, timeout: float = TIMEOUT_S, hung: Path | None = None,
+        settle: float = 5.0) -> subprocess.CompletedProcess:
+    """`hung`: a file a worker writes when it enters an injected hang; `settle` seconds after it appears the run
+    counts as hung (the other ranks have reached their collective by then), without waiting for `timeout`."""
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
            **(env or {})}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        workers = descendants(proc.pid) or [proc.pid]
-        # The workers print their stacks (the launcher itself has no handler), one at a time: dumps written
-        # at once to the shared stderr interleave mid-line and garble every rank's stack.
-        for pid in workers:
-            try:
-                os.kill(pid, signal.SIGUSR1)
-            except ProcessLookupError:
-                continue
-            time.sleep(2)
-        time.sleep(1)
-        for pid in [*workers, proc.pid]:  # workers may run in their own process groups
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+    deadline, reason = time.monotonic() + timeout, f"in {timeout} s"
+    hung_since = None
+    while True:
+        try:  # retrying communicate after its timeout loses no output
+            stdout, stderr = proc.communicate(timeout=min(1.0, max(0.01, deadline - time.monotonic())))
+            return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+        except subprocess.TimeoutExpired:
+            now = time.monotonic()
+            if hung is not None and hung_since is None and hung.exists():
+                hung_since = now
+            if hung_since is not None and now - hung_since >= settle:
+                reason = f"(a worker wrote {hung.name}: it hangs)"
+                break
+            if now >= deadline:
+                break
+    workers = descendants(proc.pid) or [proc.pid]
+    # The workers print their stacks (the launcher itself has no handler), one at a time: dumps written
+    # at once to the shared stderr interleave mid-line and garble every rank's stack.
+    for pid in workers:
         try:
-            os.killpg(proc.pid, signal.SIGKILL)
+            os.kill(pid, signal.SIGUSR1)
+        except ProcessLookupError:
+            continue
+        time.sleep(2)
+    time.sleep(1)
+    for pid in [*workers, proc.pid]:  # workers may run in their own process groups
+        try:
+            os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-        stdout, stderr = proc.communicate(timeout=30)
-        raise AssertionError(f"{' '.join(cmd)} did not finish in {timeout} s; the ranks' stacks:\n{stacks_of(stderr)}")
-    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    stdout, stderr = proc.communicate(timeout=30)
+    raise AssertionError(f"{' '.join(cmd)} did not finish {reason}; the ranks' stacks:\n{stacks_of(stderr)}")

@@ -29,8 +29,11 @@ def records(run_dir: Path, stage: str = "instruct") -> dict[int, dict]:
     return {r["step"]: r for r in rows if r.get("stage") == stage}
 
 
-def faulty(world: Path, fault: str, recipe: Path, *extra: str, nproc: int = 1, timeout: float = TIMEOUT_S):
-    return launch.run(launch.command([fault, "train", str(recipe), *extra], nproc=nproc, script=FAULT), timeout=timeout)
+def faulty(world: Path, fault: str, recipe: Path, *extra: str, nproc: int = 1, timeout: float = TIMEOUT_S,
+           hung: Path | None = None):
+    env = {"MLLM_FAULT_HUNG": str(hung)} if hung is not None else None
+    return launch.run(launch.command([fault, "train", str(recipe), *extra], nproc=nproc, script=FAULT), env=env,
+                      timeout=timeout, hung=hung)
 
 
 def weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -158,10 +161,11 @@ def test_sigterm_checkpoints_exits_zero_and_the_rerun_continues(world, full_run)
 
 def test_a_hung_rank_fails_the_test_with_every_ranks_stack(world):
     path = write_recipe(world, "hang", tiny_recipe(world, "run_hang", steps=3, save_every=0))
-    # The timeout must outlast two ranks' start-up and step 1 on a loaded machine (25 s once fired before
-    # rank 1 reached step 2 in CI), so the dump shows the injected sleep.
-    with pytest.raises(AssertionError, match="did not finish") as info:
-        faulty(world, "hang:2:1", path, nproc=2, timeout=60)
+    # The stacks are dumped 5 s after rank 1 writes that it entered the injected sleep (a fixed timeout had to
+    # outlast two ranks' start-up on a loaded machine: 25 s once fired before rank 1 reached step 2 in CI).
+    # The timeout only bounds a run that never gets there.
+    with pytest.raises(AssertionError, match=r"did not finish \(a worker wrote hang.marker: it hangs\)") as info:
+        faulty(world, "hang:2:1", path, nproc=2, timeout=180, hung=world / "hang.marker")
     stacks = str(info.value)
     # The whole dump as the message: this assertion failed now and then in full-suite runs only, and
     # pytest's repr of a long string hides the middle, where the ranks' stacks are.
