@@ -24,8 +24,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from .compression import build_compressor
-from .compression_config import CompressionSpec
+from .compression import build_compressor, projector_input_size
 from .compression_pruning import TokenPruningSpec, apply_pruning, pruning_state
 from .configuration_mllm_llava import MLLMLlavaConfig
 from .mma_layout import compute_layout, dense_mask
@@ -82,13 +81,12 @@ class CompressingModel:
 
 
 def widen_projector(model, section: dict) -> None:
-    """pixel_shuffle: the projector's first layer takes `channel_factor` times the tower's width."""
-    factor = CompressionSpec.from_config(section).channel_factor
+    """pixel_shuffle: the projector's first layer takes the widened input, as in mllm's MLLMModel."""
+    width = projector_input_size(model.config.vision_config.hidden_size, section)
     old = model.multi_modal_projector.linear_1
-    if factor > 1:
-        model.multi_modal_projector.linear_1 = torch.nn.Linear(old.in_features * factor, old.out_features,
-                                                               bias=old.bias is not None, device=old.weight.device,
-                                                               dtype=old.weight.dtype)
+    if width != old.in_features:
+        model.multi_modal_projector.linear_1 = torch.nn.Linear(width, old.out_features, bias=old.bias is not None,
+                                                               device=old.weight.device, dtype=old.weight.dtype)
 
 
 class MLLMLlavaForConditionalGeneration(LlavaForConditionalGeneration):
