@@ -97,25 +97,33 @@ def base_recipe(args, size: dict, out_dir: Path) -> dict:
     return recipe
 
 
-def finetune_recipe(args, size: dict, base: dict, method: str, budget: float, out_dir: Path) -> dict:
-    """Continue-train the base model with the method applied when the stage starts."""
+def continue_recipe(base: dict, out_dir: Path, *, steps: int, batch: int, lr: float, frozen_tower: bool,
+                    seed: int, transform: dict | None = None) -> dict:
+    """Continue-train the trained run `base` (its resolved config) on its instruct mix for `steps` steps, with
+    the stage transformation `transform` (compression / token_pruning / mod ...) applied when the stage starts."""
     instruct = next(s for s in base["stages"] if s["name"] == "instruct")
-    trainable = ["model.multi_modal_projector.*", "model.language_model.*", "lm_head.*"] if args.frozen_tower else ["*"]
-    stage = {"name": "finetune", "data": instruct["data"], "trainable": [{"params": trainable}],
-             "steps": args.steps or size["steps"], "micro_batch_size": size["batch"], "lr": size["lr"],
-             "warmup_steps": 10, "save_every": 0}
-    if method in BEFORE_LLM and budget < 1.0:
-        stage["compression"] = {"method": method, "ratio": budget}
-    elif method == "fastv":
-        stage["token_pruning"] = {"method": "fastv", "layer": args.prune_layer, "keep": budget}
-    elif method == "exit":  # the gates learn with the LLM frozen (DyVTE)
-        stage["token_pruning"] = {"method": "exit"}
-        stage["trainable"] = [{"params": ["*exit_gate*"]}]
-        stage["lr"] = 1e-2
-    return {"run": {"output_dir": str(out_dir), "seed": args.seed, "deepspeed": base["run"]["deepspeed"],
+    trainable = ["model.multi_modal_projector.*", "model.language_model.*", "lm_head.*"] if frozen_tower else ["*"]
+    stage = {"name": "finetune", "data": instruct["data"], "trainable": [{"params": trainable}], "steps": steps,
+             "micro_batch_size": batch, "lr": lr, "warmup_steps": 10, "save_every": 0, **(transform or {})}
+    return {"run": {"output_dir": str(out_dir), "seed": seed, "deepspeed": base["run"]["deepspeed"],
                     "log_every": 25, "threads": 1},
             "model": {"init_from": str(Path(base["run"]["output_dir"]) / "model")},
             "data": copy.deepcopy(base["data"]), "eval": copy.deepcopy(base["eval"]), "stages": [stage]}
+
+
+def finetune_recipe(args, size: dict, base: dict, method: str, budget: float, out_dir: Path) -> dict:
+    """Continue-train the base model with the method applied when the stage starts."""
+    transform = {}
+    if method in BEFORE_LLM and budget < 1.0:
+        transform["compression"] = {"method": method, "ratio": budget}
+    elif method in ("fastv", "exit"):
+        transform["token_pruning"] = ({"method": "fastv", "layer": args.prune_layer, "keep": budget}
+                                      if method == "fastv" else {"method": "exit"})
+    recipe = continue_recipe(base, out_dir, steps=args.steps or size["steps"], batch=size["batch"], lr=size["lr"],
+                             frozen_tower=args.frozen_tower, seed=args.seed, transform=transform)
+    if method == "exit":  # the gates learn with the LLM frozen (DyVTE)
+        recipe["stages"][0].update(trainable=[{"params": ["*exit_gate*"]}], lr=1e-2)
+    return recipe
 
 
 def train(recipe: dict, out_dir: Path) -> dict:
@@ -148,14 +156,23 @@ def train(recipe: dict, out_dir: Path) -> dict:
 # ---------------------------------------------------------------------------------------- timing
 
 
+def open_spec(spec: dict):
+    """A recipe's data source, as the trainer opens it (a resolved config's spec lists every key)."""
+    from mllm.data.sources import open_source
+    from mllm.schema import from_dict
+    from mllm.train.config import SourceSpec
+    from mllm.train.trainer import source_spec
+
+    return open_source(source_spec(from_dict(SourceSpec, spec, "source")))
+
+
 def real_batches(model, processor, recipe: dict, batch: int, count: int) -> list[dict]:
     """`count` training batches of real demo samples (the same samples for every configuration)."""
-    from mllm.data.sources import open_source
     from mllm.processing import SampleError
     from mllm.train.objectives import LMObjective
 
     objective = LMObjective(model, processor, recipe["data"]["max_length"])
-    source = open_source({k: v for k, v in recipe["stages"][0]["data"][0].items() if k != "weight"})
+    source = open_spec(recipe["stages"][0]["data"][0])
     samples = []
     for i in range(len(source)):
         if len(samples) == batch * count:
@@ -172,10 +189,10 @@ def real_batches(model, processor, recipe: dict, batch: int, count: int) -> list
 
 def prefill_inputs(processor, recipe: dict, count: int) -> list[dict]:
     """Single held-out prompts (the first question of each sample, with its image), as generation sees them."""
-    from mllm.data.sources import decode_image, open_source
+    from mllm.data.sources import decode_image
     from mllm.processing import llava_to_messages
 
-    source = open_source(recipe["eval"]["source"])
+    source = open_spec(recipe["eval"]["source"])
     out = []
     for i in range(count):
         record = source[i]

@@ -9,13 +9,17 @@ The configurations are scripts/bench_train.py's:
   tiny                  the demo's size (9 image tokens per sample): what MoD can buy when images are short
   1b     (CUDA default) ~1.1B Llama + ViT-L/14-336 (576 image tokens), 4 x (576 + 256) tokens, bf16
 
-Part 2, `--demo-run RUN` (optional): the trained demo model RUN/model is continue-trained `--demo-steps`
-steps twice through `mllm train` (model.init_from), once dense and once converted to MoD, on the demo's
-VQA + caption mix; printed: held-out exact match of each (the recipe's eval) and median training
-tokens/s from metrics.jsonl.
+Part 2, `--demo-run RUN` (optional): the trained model RUN/model (e.g. bench_compression's base, 64 image
+tokens per image) is continue-trained `--demo-steps` steps through `mllm train` (model.init_from) on its
+instruct mix, once dense and once per `--skip-first` value converted to MoD (the stage's `mod:`
+transformation). Printed per variant: held-out exact match (the trainer's eval), and training tokens/s and
+prefill latency of the trained models timed in this process on the same real batches, interleaved over
+the variants, on one thread (scripts/bench_compression.py's timing). MoD keeps every token in the
+sequence, so the tokens/s ratio is the samples/s ratio. Runs are reused when their folder holds an eval.
 
   nice .venv/bin/python scripts/bench_mod.py                                   # CPU, part 1
-  nice .venv/bin/python scripts/bench_mod.py --demo-run runs/demo --demo-steps 300   # + part 2
+  nice .venv/bin/python scripts/bench_mod.py --demo-run runs/bench_compression_p6/base --frozen-tower --skip-first 0,1
+      --jobs 2                                                                 # + part 2
   python scripts/bench_mod.py --config 1b                                        # H100
 """
 
@@ -26,16 +30,14 @@ import copy
 import json
 import platform
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import torch
-import yaml
 
 import bench_train  # the model configurations and batches (scripts/ is on sys.path when this runs)
 from mllm.modeling import MLLMForConditionalGeneration, causal_lm_loss_sum
+from mllm.schema import load_yaml
 from mllm.sparse.depth import convert
 from mllm.sparse.mod import MoDSpec
 
@@ -101,37 +103,57 @@ def step_benchmark(args, device, dtype) -> dict:
 
 
 def demo_benchmark(args) -> dict:
-    """Continue-train the trained demo model dense and MoD through `mllm train`; eval both."""
-    base = yaml.safe_load((ROOT / "configs" / "recipes" / "demo.yaml").read_text())
-    stage = copy.deepcopy(base["stages"][2])
-    stage.update(name="continue", steps=args.demo_steps, warmup_steps=10, lr=2e-4, save_every=0)
-    # The run's own data settings (a demo variant with more image tokens has a longer max_length).
-    resolved = Path(args.demo_run) / "config.yaml"
-    data = yaml.safe_load(resolved.read_text())["data"] if resolved.is_file() else base["data"]
-    out = {}
-    for variant in ("dense", "mod"):
-        run = Path(args.out) / f"bench_mod_{variant}"
-        recipe = {"run": {"output_dir": str(run), "seed": 0, "log_every": 10}, "model": {"init_from": args.demo_run},
-                  "data": data, "eval": base["eval"], "stages": [dict(stage)]}
-        if variant == "mod":
-            recipe["stages"][0]["mod"] = {"capacity": args.capacity, "skip_first": 1}
-        path = Path(args.out) / f"bench_mod_{variant}.yaml"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(yaml.safe_dump(recipe))
-        subprocess.run([sys.executable, "-m", "mllm.train.cli", "train", str(path)], check=True, cwd=ROOT)
-        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-        tps = statistics.median(r["tokens_per_s"] for r in records if r.get("stage") == "continue")
-        report = json.loads((run / "eval.json").read_text())
-        out[variant] = {"accuracy": report["accuracy"], "tokens_per_s": tps,
-                        "per_type": {k: v["accuracy"] for k, v in report["per_type"].items()}}
-    print(f"[demo] {args.demo_run}/model continue-trained {args.demo_steps} steps (held-out exact match, median "
-          "training tokens/s):")
-    for variant, row in out.items():
-        print(f"  {variant:<6} accuracy {row['accuracy']:.3f}  {row['tokens_per_s']:>8.0f} tok/s  {row['per_type']}")
-    out["speedup"] = out["mod"]["tokens_per_s"] / out["dense"]["tokens_per_s"]
-    out["accuracy_drop_points"] = 100 * (out["dense"]["accuracy"] - out["mod"]["accuracy"])
-    print(f"  MoD / dense tokens/s {out['speedup']:.2f}x, accuracy drop {out['accuracy_drop_points']:.1f} points")
-    return out
+    """Continue-train a trained run dense and with MoD through `mllm train` (bench_compression's machinery:
+    held-out accuracy from the trainer's eval, then training steps and prefills of the trained models timed
+    here, interleaved, on the same real batches)."""
+    import bench_compression as bc
+    from concurrent.futures import ThreadPoolExecutor
+
+    base = load_yaml(Path(args.demo_run) / "config.yaml")
+    base["run"]["output_dir"] = args.demo_run  # init_from: the run's model/
+    if args.eval_samples:
+        base["eval"]["max_samples"] = args.eval_samples
+    batch = next(s for s in base["stages"] if s["name"] == "instruct")["micro_batch_size"]
+    variants = {"dense": None}
+    variants.update({f"mod-skip{k}": {"capacity": args.capacity, "skip_first": k} for k in args.skip_first})
+    out = Path(args.out)
+    recipes = {name: bc.continue_recipe(base, out / name, steps=args.demo_steps, batch=batch, lr=args.demo_lr,
+                                        frozen_tower=args.frozen_tower, seed=args.seed,
+                                        transform={"mod": spec} if spec else None)
+               for name, spec in variants.items()}
+
+    def one(name: str) -> tuple[str, dict]:
+        t0 = time.perf_counter()
+        report = bc.train(recipes[name], out / name)
+        print(f"[demo] {name}: accuracy {report['accuracy']:.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+        return name, report
+
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        reports = dict(pool.map(one, recipes))
+    timings = bc.time_all({name: (out / name, recipe) for name, recipe in recipes.items()}, args.timing_warmup,
+                          args.timing_repeats, args.seed, args.frozen_tower)
+    dense = timings["dense"]
+    rows = {}
+    for name in recipes:
+        t, r = timings[name], reports[name]
+        rows[name] = {"accuracy": r["accuracy"], "per_type": {k: v["accuracy"] for k, v in r["per_type"].items()},
+                      "kept_fraction": r.get("mod", {}).get("kept_fraction"), "tokens_per_s": t["llm_tokens_per_s"],
+                      "speedup": t["samples_per_s"] / dense["samples_per_s"],
+                      "prefill_speedup": dense["prefill_ms"] / t["prefill_ms"], "prefill_ms": t["prefill_ms"],
+                      "accuracy_drop_points": 100 * (reports["dense"]["accuracy"] - r["accuracy"]),
+                      "final_loss": r["final_loss"]}
+    what = "projector + LLM" if args.frozen_tower else "everything"
+    print(f"[demo] {args.demo_run}/model ({dense['image_tokens']} image tokens per image) continue-trained "
+          f"{args.demo_steps} steps x {batch} ({what} trainable), MoD capacity {args.capacity}; held-out exact "
+          f"match ({base['eval']['max_samples']} images); training step and prefill timed on one thread, "
+          f"interleaved, median of {args.timing_repeats}:")
+    print(f"  {'variant':<10} {'accuracy':>8} {'drop':>6} {'train tok/s':>11} {'speed-up':>8} {'prefill ms':>10} "
+          f"{'speed-up':>8}  per type")
+    for name, row in rows.items():
+        types = " ".join(f"{k} {v:.3f}" for k, v in row["per_type"].items())
+        print(f"  {name:<10} {row['accuracy']:>8.3f} {row['accuracy_drop_points']:>6.1f} {row['tokens_per_s']:>11.0f} "
+              f"{row['speedup']:>7.2f}x {row['prefill_ms']:>10.1f} {row['prefill_speedup']:>7.2f}x  {types}")
+    return rows
 
 
 def main() -> None:
@@ -141,9 +163,19 @@ def main() -> None:
     parser.add_argument("--capacity", type=float, default=0.2)
     parser.add_argument("--steps", type=int, default=20 if cuda else 6)
     parser.add_argument("--warmup", type=int, default=3 if cuda else 2)
-    parser.add_argument("--demo-run", default=None, help="a trained demo run folder (part 2)")
+    parser.add_argument("--demo-run", default=None, help="a trained run folder (part 2), e.g. bench_compression's base")
     parser.add_argument("--demo-steps", type=int, default=300)
-    parser.add_argument("--out", default="runs", help="where part 2's run folders go")
+    parser.add_argument("--eval-samples", type=int, default=None, help="part 2: held-out images (default: the run's)")
+    parser.add_argument("--demo-lr", type=float, default=2e-4)
+    parser.add_argument("--skip-first", type=lambda s: [int(k) for k in s.split(",")], default=[1],
+                        help="part 2: MoD variants, comma list of skip_first (layers below it are never routed)")
+    parser.add_argument("--frozen-tower", action="store_true",
+                        help="part 2: continue-train the projector and the LLM only; timed alike")
+    parser.add_argument("--jobs", type=int, default=1, help="part 2: runs trained at once (one thread each)")
+    parser.add_argument("--timing-warmup", type=int, default=2)
+    parser.add_argument("--timing-repeats", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="runs/bench_mod", help="where part 2's run folders go")
     parser.add_argument("--json", default=None, help="write all figures here")
     args = parser.parse_args()
     device = torch.device("cuda" if cuda else "cpu")
