@@ -87,6 +87,8 @@ def base_recipe(args, size: dict, out_dir: Path) -> dict:
                                    num_hidden_layers=size["text_layers"])
     image_size = vision["model_cfg"]["vision_cfg"]["image_size"]
     recipe["data"]["max_length"] += (image_size // args.patch_size) ** 2  # the demo's text budget + image tokens
+    text = model["text"]["config"]
+    text["max_position_embeddings"] = max(text.get("max_position_embeddings", 0), recipe["data"]["max_length"])
     recipe["eval"]["max_samples"] = args.eval_samples or size["eval_samples"]
     steps = {"clip": size["clip_steps"], "align": size["align_steps"], "instruct": size["base_steps"]}
     for stage in recipe["stages"]:

@@ -45,6 +45,7 @@ def test_bench_compression_recipes_are_valid_run_configs(bench_compression, tmp_
     base = bench_compression.base_recipe(args, size, tmp_path / "base")
     cfg = from_dict(RunConfig, base)
     assert cfg.model.vision.model_cfg["vision_cfg"]["patch_size"] == 6
+    assert cfg.model.text.config["max_position_embeddings"] >= cfg.data.max_length
     assert cfg.data.max_length == from_dict(RunConfig, bench_compression.load_yaml(args.base)).data.max_length + 64
     for method in bench_compression.METHODS:
         for budget in (1.0, 0.25):
