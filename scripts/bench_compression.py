@@ -118,9 +118,10 @@ def finetune_recipe(args, size: dict, base: dict, method: str, budget: float, ou
     transform = {}
     if method in BEFORE_LLM and budget < 1.0:
         transform["compression"] = {"method": method, "ratio": budget}
-    elif method in ("fastv", "exit"):
-        transform["token_pruning"] = ({"method": "fastv", "layer": args.prune_layer, "keep": budget}
-                                      if method == "fastv" else {"method": "exit"})
+    elif method == "fastv":
+        transform["token_pruning"] = {"method": "fastv", "layer": args.prune_layer, "keep": budget}
+    elif method == "exit":
+        transform["token_pruning"] = {"method": "exit"}
     recipe = continue_recipe(base, out_dir, steps=args.steps or size["steps"], batch=size["batch"], lr=size["lr"],
                              frozen_tower=args.frozen_tower, seed=args.seed, transform=transform)
     if method == "exit":  # the gates learn with the LLM frozen (DyVTE)

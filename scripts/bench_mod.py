@@ -41,8 +41,6 @@ from mllm.schema import load_yaml
 from mllm.sparse.depth import convert
 from mllm.sparse.mod import MoDSpec
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def build(name: str) -> MLLMForConditionalGeneration:
     return bench_train.build(name, None)
