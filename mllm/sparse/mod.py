@@ -85,6 +85,17 @@ def first_positions(mask: torch.Tensor, n: int) -> torch.Tensor:
     return (~mask).to(torch.int8).argsort(dim=1, stable=True)[:, :n]
 
 
+def flat_rows(index: torch.Tensor, T: int) -> torch.Tensor:
+    """[B, Tk] positions -> [B x Tk] row indices into the [B x T] view (row b's offset by b x T)."""
+    return (index + torch.arange(index.shape[0], device=index.device)[:, None] * T).reshape(-1)
+
+
+def take_rows(x: torch.Tensor, flat: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """x [B, T, ...] at the row indices `flat` (from flat_rows), as `shape`. index_select on the [B x T, ...]
+    view: on CPU ~3x faster than gather with an expanded index, forward and backward."""
+    return x.reshape(-1, *x.shape[2:]).index_select(0, flat).view(shape)
+
+
 def top_fraction(scores: torch.Tensor, candidates: torch.Tensor, fraction: float) -> torch.Tensor:
     """[B, T] bool: each row's top ceil(fraction x its candidate count) candidates by `scores` [B, T] (ties: the
     earlier position), with no host sync."""
@@ -135,20 +146,22 @@ class MoDLayer:
         kept_len = int(count.max())  # one host sync per routed layer: the compacted length
         index = first_positions(keep, kept_len)  # kept first, in order
         slot_valid = torch.arange(kept_len, device=index.device)[None] < count[:, None]  # [B, Tk]
-        gather = index[..., None].expand(-1, -1, D)
+        flat = flat_rows(index, T)
 
         attn = self.self_attn
         normed = self.input_layernorm(hidden_states)  # every token: keys and values
-        kept = hidden_states.gather(1, gather)  # [B, Tk, D] the kept tokens
-        attn_out = self._attention(attn, normed, normed.gather(1, gather), index, cache, position_embeddings, context,
-                                   **kwargs)
-        g = gate.gather(1, index).unsqueeze(-1).to(kept.dtype)  # [B, Tk, 1]
+        kept = take_rows(hidden_states, flat, (B, kept_len, D))  # the kept tokens
+        attn_out = self._attention(attn, normed, take_rows(normed, flat, (B, kept_len, D)), index, flat, cache,
+                                   position_embeddings, context, **kwargs)
+        g = take_rows(gate, flat, (B, kept_len, 1)).to(kept.dtype)
         x = kept + g * attn_out
         x = x + g * self.mlp(self.post_attention_layernorm(x))
-        # Slots past a row's kept count hold skipped tokens: write them back unchanged.
-        return hidden_states.scatter(1, gather, torch.where(slot_valid[..., None], x, kept))
+        # Slots past a row's kept count hold skipped tokens: write them back unchanged. The indices of a row
+        # are distinct, so index_copy writes each position once.
+        update = torch.where(slot_valid[..., None], x, kept).reshape(-1, D)
+        return hidden_states.reshape(B * T, D).index_copy(0, flat, update).view(B, T, D)
 
-    def _attention(self, attn, normed, normed_kept, index, cache, position_embeddings, context, **kwargs):
+    def _attention(self, attn, normed, normed_kept, index, flat, cache, position_embeddings, context, **kwargs):
         B, Tk, _ = normed_kept.shape
         T = normed.shape[1]
         d = attn.head_dim
@@ -159,19 +172,22 @@ class MoDLayer:
             q, k = attn.q_norm(q), attn.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, H, T, d]
         rotary = sys.modules[type(attn).__module__].apply_rotary_pos_emb
-        cos, sin = (t.expand(B, -1, -1) for t in position_embeddings)  # [B or 1, T, d] -> [B, T, d]
-        rows = index[..., None].expand(-1, -1, cos.shape[-1])
-        q, _ = rotary(q, q, cos.gather(1, rows), sin.gather(1, rows))
+        cos, sin = position_embeddings  # [B or 1, T, d]
+        if cos.shape[0] == 1:  # shared positions: row b's kept positions are plain indices
+            q_cos, q_sin = (t[0].index_select(0, index.reshape(-1)).view(B, Tk, -1) for t in (cos, sin))
+        else:
+            q_cos, q_sin = (take_rows(t, flat, (B, Tk, t.shape[-1])) for t in (cos, sin))
+        q, _ = rotary(q, q, q_cos, q_sin)
         _, k = rotary(k, k, cos, sin)
         if cache is not None:
             k, v = cache.update(k, v, attn.layer_idx)
         allowed = self._key_windows(index, T, context, kwargs.get("attention_layout"))  # [B, Tk, T]
-        groups = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         empty = ~allowed.any(-1, keepdim=True)  # padding queries: no key, output 0
         mask = (allowed | empty).unsqueeze(1)
+        # Grouped-query attention without copying K/V per query head (enable_gqa; the CPU flash kernel takes it).
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling,
-                                             dropout_p=attn.attention_dropout if self.training else 0.0)
+                                             dropout_p=attn.attention_dropout if self.training else 0.0,
+                                             enable_gqa=q.shape[1] != k.shape[1])
         out = out.masked_fill(empty.unsqueeze(1), 0.0).transpose(1, 2)  # [B, Tk, H, d]
         if hasattr(attn, "head_weights"):  # Mixture-of-Head attention in the same layer
             out = out * attn.head_weights(normed_kept).to(out.dtype)[..., None]
@@ -180,12 +196,14 @@ class MoDLayer:
     @staticmethod
     def _key_windows(index: torch.Tensor, T: int, context, layout) -> torch.Tensor:
         """The full attention pattern's rows at the kept queries: [B, Tk, T] bool."""
+        B, Tk = index.shape
+        flat = flat_rows(index, T)
         keys = torch.arange(T, device=index.device).view(1, 1, T)
         if layout is not None:
             if layout.dense_mask is not None:
-                return layout.dense_mask.gather(1, index[..., None].expand(-1, -1, T))
-            start = layout.kv_start.long().gather(1, index).unsqueeze(-1)
-            end = layout.kv_end.long().gather(1, index).unsqueeze(-1)
+                return take_rows(layout.dense_mask, flat, (B, Tk, T))
+            start = take_rows(layout.kv_start.long(), flat, (B, Tk, 1))
+            end = take_rows(layout.kv_end.long(), flat, (B, Tk, 1))
             return (keys >= start) & (keys < end)
         valid = context.valid.to(index.device).unsqueeze(1)  # [B, 1, T] padding keys are never seen
         return (keys <= index.unsqueeze(-1)) & valid
