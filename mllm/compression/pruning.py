@@ -42,9 +42,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from mllm.attention.layout import AttentionLayout, compute_layout, dense_mask
-from mllm.compression.base import gather_tokens
 from mllm.schema import ConfigError, from_dict, to_dict
-from mllm.sparse.mod import MoDLayer, _mixed, check_llama_style_layer, first_positions, top_fraction
+from mllm.sparse.mod import (MoDLayer, _mixed, check_llama_style_layer, first_positions, flat_rows, gather_rows,
+                              take_rows, top_fraction)
 
 MASKABLE = ("sdpa", "eager", "mllm_interval")  # attention implementations a pruned layer can give its own mask
 
@@ -193,11 +193,6 @@ def pruning_state(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, 
     return PruningState(image, valid, index, qvalid, full, pass_layout=layout is not None, force_exit=force_exit)
 
 
-def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """x [B or 1, T, ...] at index [B, K] -> [B, K, ...] (rotary tables come with batch 1)."""
-    return gather_tokens(x.expand(index.shape[0], *x.shape[1:]), index)
-
-
 class PrunedLayer:
     """Mixin swapped into the decoder layers from the first pruning layer on (see the module docstring).
     Needs Llama-style layers (input_layernorm, self_attn with q/k_proj, head_dim, scaling)."""
@@ -275,9 +270,9 @@ class PrunedLayer:
 
     def _compacted_forward(self, hidden_states, state: PruningState, c: Compacted, position_ids, cache, use_cache,
                            position_embeddings, **kwargs):
-        D = hidden_states.shape[-1]
-        gather = c.index[..., None].expand(-1, -1, D)
-        kept = hidden_states.gather(1, gather)  # [B, Tk, D]
+        B, T, D = hidden_states.shape
+        flat = flat_rows(c.index, T)
+        kept = take_rows(hidden_states, flat, (*c.index.shape, D))  # [B, Tk, D]
         cos, sin = position_embeddings
         kwargs.pop("attention_layout", None)
         mask = None
@@ -302,8 +297,10 @@ class PrunedLayer:
             if not hasattr(cache, "pruned_key_valid"):
                 cache.pruned_key_valid = {}
             cache.pruned_key_valid[self.self_attn.layer_idx] = c.slot_valid & state.valid.gather(1, c.index)
-        # Slots past a row's kept count hold dropped tokens: write them back unchanged.
-        return hidden_states.scatter(1, gather, torch.where(c.slot_valid[..., None], out, kept))
+        # Slots past a row's kept count hold dropped tokens: write them back unchanged (a row's indices are
+        # distinct, so index_copy writes each position once).
+        update = torch.where(c.slot_valid[..., None], out, kept).reshape(-1, D)
+        return hidden_states.reshape(B * T, D).index_copy(0, flat, update).view(B, T, D)
 
     def _mask(self, allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """[B, Tq, Tk] bool -> the 4-D mask the backbone's attention takes (bool for SDPA, additive for eager).
