@@ -17,7 +17,7 @@ from mllm.attention.layout import compute_layout, dense_mask
 from mllm.modeling import MLLMForConditionalGeneration
 from mllm.schema import ConfigError, from_dict
 from mllm.sparse.depth import convert
-from mllm.sparse.mod import MoDLayer, MoDSpec, mod_layers
+from mllm.sparse.mod import MoDLayer, MoDSpec, flat_rows, gather_rows, mod_layers, take_rows
 from mllm.sparse.moh import MoHSpec, moh_modules
 from tests.test_modeling import generate, right_padded_batch
 
@@ -95,6 +95,28 @@ def test_skipped_tokens_pass_a_routed_layer_bit_identical(tiny):
     assert changed[~image & real(batch)].all()  # every real text token ran
     stats = layer.mod_stats
     assert stats[0] == image.sum() and stats[1] == kept.sum()
+
+
+def test_row_indexing_equals_gather_forward_and_backward():
+    """The index_select / index_copy row helpers the routed and pruned layers use equal gather / scatter."""
+    torch.manual_seed(0)
+    B, T, D = 3, 7, 5
+    index = torch.stack([torch.randperm(T)[:4] for _ in range(B)])
+    for x in (torch.randn(B, T, D), torch.randn(1, T, D), torch.randn(B, T)):
+        x.requires_grad_(True)
+        full = x.expand(B, *x.shape[1:])
+        expanded = index.view(B, 4, *([1] * (x.dim() - 2))).expand(B, 4, *x.shape[2:])
+        ours, ref = gather_rows(x, index), full.gather(1, expanded)
+        assert torch.equal(ours, ref)
+        weights = torch.randn_like(ref)
+        (g_ours,) = torch.autograd.grad((ours * weights).sum(), x)
+        (g_ref,) = torch.autograd.grad((ref * weights).sum(), x)
+        assert torch.allclose(g_ours, g_ref)
+    hidden, update = torch.randn(B, T, D), torch.randn(B, 4, D)
+    flat = flat_rows(index, T)
+    assert torch.equal(take_rows(hidden, flat, (B, 4, D)), hidden.gather(1, index[..., None].expand(-1, -1, D)))
+    written = hidden.reshape(B * T, D).index_copy(0, flat, update.reshape(-1, D)).view(B, T, D)
+    assert torch.equal(written, hidden.scatter(1, index[..., None].expand(-1, -1, D), update))
 
 
 def test_kept_queries_see_the_full_layouts_rows(tiny):
