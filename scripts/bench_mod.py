@@ -174,15 +174,17 @@ def main() -> None:
     parser.add_argument("--timing-repeats", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="runs/bench_mod", help="where part 2's run folders go")
-    parser.add_argument("--json", default=None, help="write all figures here")
+    parser.add_argument("--json", default=None, help="write all figures here (default with --demo-run: <out>/results.json)")
     args = parser.parse_args()
     device = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if cuda else torch.float32
     results = {"step": step_benchmark(args, device, dtype)}
     if args.demo_run:
         results["demo"] = demo_benchmark(args)
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+    path = args.json or (Path(args.out) / "results.json" if args.demo_run else None)
+    if path:
+        Path(path).write_text(json.dumps(results, indent=2))
+        print(f"results: {path}")
 
 
 if __name__ == "__main__":
