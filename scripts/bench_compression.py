@@ -113,15 +113,35 @@ def continue_recipe(base: dict, out_dir: Path, *, steps: int, batch: int, lr: fl
             "data": copy.deepcopy(base["data"]), "eval": copy.deepcopy(base["eval"]), "stages": [stage]}
 
 
+def from_clip_recipe(base: dict, out_dir: Path, *, seed: int, transform: dict) -> dict:
+    """The base's stages after its CLIP stage, trained again from the CLIP stage's weights with `transform`
+    applied from the first of them: the method is in place from the projector's first step, as when a
+    model is trained with it from the start (the 100% row of this mode is the base itself)."""
+    clip = next(i for i, s in enumerate(base["stages"]) if s.get("objective") == "contrastive")
+    stages = copy.deepcopy(base["stages"][clip + 1:])
+    if not stages:
+        raise ValueError("--from-clip: the base recipe has no stage after its CLIP stage")
+    stages[0].update(transform)
+    clip_weights = Path(base["run"]["output_dir"]) / f"stage{clip}-{base['stages'][clip]['name']}" / "final"
+    return {"run": {**copy.deepcopy(base["run"]), "output_dir": str(out_dir), "seed": seed, "threads": 1},
+            "model": {"init_from": str(clip_weights)},
+            "data": copy.deepcopy(base["data"]), "eval": copy.deepcopy(base["eval"]), "stages": stages}
+
+
+def method_transform(args, method: str, budget: float) -> dict:
+    """The stage transformation that applies `method` at `budget`."""
+    if method in BEFORE_LLM and budget < 1.0:
+        return {"compression": {"method": method, "ratio": budget}}
+    if method == "fastv":
+        return {"token_pruning": {"method": "fastv", "layer": args.prune_layer, "keep": budget}}
+    if method == "exit":
+        return {"token_pruning": {"method": "exit"}}
+    return {}
+
+
 def finetune_recipe(args, size: dict, base: dict, method: str, budget: float, out_dir: Path) -> dict:
     """Continue-train the base model with the method applied when the stage starts."""
-    transform = {}
-    if method in BEFORE_LLM and budget < 1.0:
-        transform["compression"] = {"method": method, "ratio": budget}
-    elif method == "fastv":
-        transform["token_pruning"] = {"method": "fastv", "layer": args.prune_layer, "keep": budget}
-    elif method == "exit":
-        transform["token_pruning"] = {"method": "exit"}
+    transform = method_transform(args, method, budget)
     recipe = continue_recipe(base, out_dir, steps=args.steps or size["steps"], batch=size["batch"], lr=size["lr"],
                              frozen_tower=args.frozen_tower, seed=args.seed, transform=transform)
     if method == "exit":  # the gates learn with the LLM frozen (DyVTE)
@@ -329,6 +349,9 @@ def main() -> None:
     parser.add_argument("--eval-samples", type=int, default=None, help="held-out samples (default: the size's)")
     parser.add_argument("--frozen-tower", action="store_true",
                         help="continue-train the projector and the LLM only (LLaVA's instruction tuning); timed alike")
+    parser.add_argument("--from-clip", action="store_true",
+                        help="train each method from the base's CLIP-stage weights through the base's align and "
+                             "instruct stages (the method in place from the start); the 100%% row is the base")
     parser.add_argument("--jobs", type=int, default=1, help="runs trained at once (one thread each)")
     parser.add_argument("--timing-warmup", type=int, default=2)
     parser.add_argument("--timing-repeats", type=int, default=6)
@@ -342,6 +365,8 @@ def main() -> None:
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         parser.error(f"unknown method(s) {unknown}; valid: {', '.join(METHODS)}")
+    if args.from_clip and "exit" in methods:
+        parser.error("--from-clip: exit trains its gates on a trained model; run it without --from-clip")
     budgets = sorted({float(b) for b in args.budgets.split(",")} | {1.0}, reverse=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -357,18 +382,27 @@ def main() -> None:
             configs["exit"] = ("exit", float("nan"))
         else:
             configs.update({run_name(m, b): (m, b) for b in budgets if b < 1.0})
+    # Every row's continuation recipe; it also gives the timing its batches (the instruct mix).
     recipes = {name: finetune_recipe(args, size, base, m, b, out / name) for name, (m, b) in configs.items()}
+    folders = {name: out / name for name in configs}
+    if args.from_clip:  # the methods train from the CLIP stage instead; the 100% row is the base
+        training = {name: from_clip_recipe(base, out / name, seed=args.seed, transform=method_transform(args, m, b))
+                    for name, (m, b) in configs.items() if name != "full"}
+        folders["full"] = out / "base"
+    else:
+        training = recipes
 
     def one(name: str) -> tuple[str, dict]:
         t0 = time.perf_counter()
-        report = train(recipes[name], out / name)
+        report = train(training[name], out / name)
         print(f"[{name}] accuracy {report['accuracy']:.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
         return name, report
 
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        reports = dict(pool.map(one, recipes))
-    timings = time_all({name: (out / name, recipe) for name, recipe in recipes.items()}, args.timing_warmup,
-                       args.timing_repeats, args.seed, args.frozen_tower)
+        reports = dict(pool.map(one, training))
+    reports.setdefault("full", base_report)
+    timings = time_all({name: (folders[name], recipes[name]) for name in configs}, args.timing_warmup,
+                       args.timing_repeats, args.seed, args.frozen_tower or args.from_clip)
 
     layers = size["text_layers"]
     base_accuracy, base_speed = reports["full"]["accuracy"], timings["full"]["samples_per_s"]
@@ -382,8 +416,10 @@ def main() -> None:
         rows.append(r)
     steps, batch = recipes["full"]["stages"][0]["steps"], recipes["full"]["stages"][0]["micro_batch_size"]
     device = platform.processor() or platform.machine()
+    schedule = ("each method trained from the base's CLIP stage through its align and instruct stages; 100% = "
+                "the base" if args.from_clip else f"then {steps} steps x {batch} per method")
     title = (f"{args.size}: base {base_report['accuracy']:.3f} (demo pipeline, {timings['full']['image_tokens']} "
-             f"image tokens), then {steps} steps x {batch} per method; 1 thread, {device}")
+             f"image tokens), {schedule}; 1 thread, {device}")
     print(f"\n{title}; total {time.perf_counter() - started:.0f} s")
     print(table(rows))
     plot(rows, out / "bench_compression.png", title)

@@ -90,3 +90,24 @@ def test_bench_mod_step_part_runs(capsys):
     assert results["dense"]["tokens_per_s"] > 0 and results["mod"]["tokens_per_s"] > 0
     assert abs(results["dense"]["loss"] - results["mod"]["loss"]) < 1.0  # a converted model starts near dense
     assert "MoD / dense training tokens/s" in capsys.readouterr().out
+
+
+def test_from_clip_recipes_retrain_the_base_stages_after_clip(bench_compression, tmp_path):
+    """--from-clip: each method trains the base's align + instruct stages again from its CLIP-stage weights,
+    the method's transformation on the first of them."""
+    args = compression_args(frozen_tower=True)
+    base = bench_compression.base_recipe(args, bench_compression.SIZES["full"], tmp_path / "base")
+    for method in ("pool", "fastv"):
+        recipe = bench_compression.from_clip_recipe(base, tmp_path / method, seed=0,
+                                                    transform=bench_compression.method_transform(args, method, 0.25))
+        cfg = from_dict(RunConfig, recipe)
+        assert [s.name for s in cfg.stages] == ["align", "instruct"]
+        assert [s.steps for s in cfg.stages] == [s["steps"] for s in base["stages"][1:]]
+        assert cfg.model.init_from == str(tmp_path / "base" / "stage0-clip" / "final")
+        first, second = cfg.stages
+        if method == "pool":
+            assert (first.compression.method, first.compression.ratio) == ("pool", 0.25)
+        else:
+            assert (first.token_pruning.method, first.token_pruning.keep) == ("fastv", 0.25)
+        assert second.compression is None and second.token_pruning is None  # set once, kept by later stages
+        assert cfg.run.output_dir == str(tmp_path / method) and cfg.run.threads == 1
