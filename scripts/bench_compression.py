@@ -14,6 +14,11 @@
    - inside the LLM: fastv (text-guided, image tokens cut to `budget` from decoder layer `--prune-layer`);
      exit (DyVTE-style visual-token exit: the base's exit gates train for `--steps` steps with the LLM
      frozen; its budget is learned: the table reports the measured share of image tokens x layers).
+   `--from-clip` instead trains each method the way a model is trained with it from the start: the base's
+   align and instruct stages again, from the base's CLIP-stage weights, with the method applied from the
+   align stage's first step (the tower stays frozen, as in the base's stages). The 100% row is then the
+   base itself, so every row has the same schedule. (exit is not available here: its gates train on a
+   trained model.)
 3. Timing, in this process, interleaved over the configurations so background load hits them all alike:
    a training step (forward + backward + AdamW, fp32) of each run's trained model on the same real
    training batches, and a prefill (prompt + image into the KV cache, batch 1). For exit the training
@@ -28,6 +33,8 @@ trained alone first, gets `--jobs` threads.
   nice -n 10 .venv/bin/python scripts/bench_compression.py --jobs 2                 # small (~40 min on 2 cores)
   nice -n 10 .venv/bin/python scripts/bench_compression.py --size full --out runs/bench_compression_full
   nice -n 10 .venv/bin/python scripts/bench_compression.py --methods pool,fastv --budgets 1,0.25 --steps 100
+  nice -n 10 .venv/bin/python scripts/bench_compression.py --size full --from-clip --methods pool,pixel_shuffle \
+      --budgets 1,0.25 --jobs 2 --out runs/bench_compression_p6c   # <out>/base: trained first, or a link to one
 """
 
 from __future__ import annotations
