@@ -188,10 +188,15 @@ class MoDLayer:
         allowed = self._key_windows(index, T, context, kwargs.get("attention_layout"))  # [B, Tk, T]
         empty = ~allowed.any(-1, keepdim=True)  # padding queries: no key, output 0
         mask = (allowed | empty).unsqueeze(1)
-        # Grouped-query attention without copying K/V per query head (enable_gqa; the CPU flash kernel takes it).
+        # Grouped-query attention: on CPU without copying K/V per query head (the CPU flash kernel takes
+        # enable_gqa with a mask); on CUDA the masked kernel (memory-efficient) may not, so K/V are repeated.
+        gqa = q.shape[1] != k.shape[1] and q.device.type == "cpu"
+        if q.shape[1] != k.shape[1] and not gqa:
+            groups = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling,
                                              dropout_p=attn.attention_dropout if self.training else 0.0,
-                                             enable_gqa=q.shape[1] != k.shape[1])
+                                             enable_gqa=gqa)
         out = out.masked_fill(empty.unsqueeze(1), 0.0).transpose(1, 2)  # [B, Tk, H, d]
         if hasattr(attn, "head_weights"):  # Mixture-of-Head attention in the same layer
             out = out * attn.head_weights(normed_kept).to(out.dtype)[..., None]
