@@ -124,10 +124,11 @@ def from_clip_recipe(base: dict, out_dir: Path, *, seed: int, transform: dict) -
     """The base's stages after its CLIP stage, trained again from the CLIP stage's weights with `transform`
     applied from the first of them: the method is in place from the projector's first step, as when a
     model is trained with it from the start (the 100% row of this mode is the base itself)."""
-    clip = next(i for i, s in enumerate(base["stages"]) if s.get("objective") == "contrastive")
-    stages = copy.deepcopy(base["stages"][clip + 1:])
+    clip = next((i for i, s in enumerate(base["stages"]) if s.get("objective") == "contrastive"), None)
+    stages = copy.deepcopy(base["stages"][clip + 1:]) if clip is not None else []
     if not stages:
-        raise ValueError("--from-clip: the base recipe has no stage after its CLIP stage")
+        raise ValueError("--from-clip needs a base recipe with a CLIP (objective: contrastive) stage followed by "
+                         f"others; its stages: {[s['name'] for s in base['stages']]}")
     stages[0].update(transform)
     clip_weights = Path(base["run"]["output_dir"]) / f"stage{clip}-{base['stages'][clip]['name']}" / "final"
     return {"run": {**copy.deepcopy(base["run"]), "output_dir": str(out_dir), "seed": seed, "threads": 1},

@@ -190,9 +190,9 @@ class MoDLayer:
         mask = (allowed | empty).unsqueeze(1)
         # Grouped-query attention: on CPU without copying K/V per query head (the CPU flash kernel takes
         # enable_gqa with a mask); on CUDA the masked kernel (memory-efficient) may not, so K/V are repeated.
-        gqa = q.shape[1] != k.shape[1] and q.device.type == "cpu"
-        if q.shape[1] != k.shape[1] and not gqa:
-            groups = q.shape[1] // k.shape[1]
+        groups = q.shape[1] // k.shape[1]
+        gqa = groups > 1 and q.device.type == "cpu"
+        if groups > 1 and not gqa:
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling,
                                              dropout_p=attn.attention_dropout if self.training else 0.0,
@@ -206,9 +206,9 @@ class MoDLayer:
     def _key_windows(index: torch.Tensor, T: int, context, layout) -> torch.Tensor:
         """The full attention pattern's rows at the kept queries: [B, Tk, T] bool."""
         B, Tk = index.shape
-        flat = flat_rows(index, T)
         keys = torch.arange(T, device=index.device).view(1, 1, T)
         if layout is not None:
+            flat = flat_rows(index, T)
             if layout.dense_mask is not None:
                 return take_rows(layout.dense_mask, flat, (B, Tk, T))
             start = take_rows(layout.kv_start.long(), flat, (B, Tk, 1))
